@@ -1,0 +1,470 @@
+//! The signing authority: a CA certificate, its key behind [`CaSigner`], the chain above
+//! it and the trust bundle; issuance in three steps (template, sign, re-check).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use time::OffsetDateTime;
+
+use crate::csr::{self, KeyKind};
+use crate::error::IssueError;
+use crate::keys::PublicKey;
+use crate::policy::{IssuancePolicy, Validity};
+use crate::spiffe::SpiffeId;
+use crate::x509::{self, CertFacts};
+
+/// A key that signs certificates for the CA. A file-backed `rcgen::KeyPair` is one; a
+/// Kubernetes-secret or KMS/HSM key can implement [`rcgen::SigningKey`] and plug in
+/// without touching issuance.
+pub trait CaSigner: SigningKey + Send + Sync {}
+impl<T: SigningKey + Send + Sync> CaSigner for T {}
+
+/// Shared handle on the CA key, so an `rcgen::Issuer` can own it.
+#[derive(Clone)]
+pub struct SignerHandle(Arc<dyn CaSigner>);
+
+impl PublicKeyData for SignerHandle {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+impl SigningKey for SignerHandle {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
+
+impl fmt::Debug for SignerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignerHandle(...)")
+    }
+}
+
+/// A certificate the CA signed, with what the audit record needs.
+#[derive(Clone, Debug)]
+pub struct IssuedCertificate {
+    /// DER of the leaf.
+    pub der: Vec<u8>,
+    /// Facts read back from the signed leaf.
+    pub facts: CertFacts,
+    /// SHA-256 of the leaf's `SubjectPublicKeyInfo`, hex.
+    pub spki_sha256: String,
+    /// SHA-256 of the leaf DER, hex.
+    pub cert_sha256: String,
+}
+
+impl IssuedCertificate {
+    /// PEM of the leaf.
+    pub fn pem(&self) -> String {
+        crate::pem::certificate(&self.der)
+    }
+}
+
+/// Why CA material could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    /// The CA certificate does not parse or is not a CA.
+    #[error("CA certificate: {0}")]
+    Certificate(String),
+    /// The key does not belong to the CA certificate.
+    #[error("the CA key does not match the public key of the CA certificate")]
+    KeyMismatch,
+    /// rcgen refused to build the certificate.
+    #[error("could not build certificate: {0}")]
+    Build(#[from] rcgen::Error),
+}
+
+/// The CA: its certificate, key, chain above it and trust bundle.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, SignerHandle>,
+    cert_der: Vec<u8>,
+    facts: CertFacts,
+    /// CA certificates above `cert_der`, root last; empty when `cert_der` is a root.
+    chain_above: Vec<Vec<u8>>,
+    /// Trusted roots (a list from the start, so rotation can add one).
+    roots: Vec<Vec<u8>>,
+    rng: SystemRandom,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("serial", &self.facts.serial)
+            .field("not_after", &self.facts.not_after)
+            .field("chain_above", &self.chain_above.len())
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, IssueError> {
+    let mut bytes = [0u8; 16];
+    rng.fill(&mut bytes)
+        .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
+    // Positive and of fixed length: 126 random bits.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+impl CertificateAuthority {
+    /// Creates a self-signed root for `trust_domain`, valid for `lifetime` from `now`.
+    /// Returns the authority; its certificate is [`CertificateAuthority::cert_der`].
+    pub fn new_self_signed_root(
+        key: impl CaSigner + 'static,
+        trust_domain: &str,
+        now: OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Self, AuthorityError> {
+        let rng = SystemRandom::new();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(
+            DnType::CommonName,
+            format!("{trust_domain} workload root CA"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - crate::policy::BACKDATE;
+        params.not_after = now + lifetime;
+        params.serial_number =
+            Some(random_serial(&rng).map_err(|e| AuthorityError::Certificate(e.to_string()))?);
+        let cert = params.self_signed(&key)?;
+        let der = cert.der().to_vec();
+        Self::from_parts(der.clone(), key, Vec::new(), vec![der])
+    }
+
+    /// Assembles an authority from an existing CA certificate and its key.
+    /// `chain_above` holds the CA certificates above it (root last; empty for a root),
+    /// `roots` the trust bundle.
+    pub fn from_parts(
+        cert_der: Vec<u8>,
+        key: impl CaSigner + 'static,
+        chain_above: Vec<Vec<u8>>,
+        roots: Vec<Vec<u8>>,
+    ) -> Result<Self, AuthorityError> {
+        let facts = x509::inspect(&cert_der).map_err(AuthorityError::Certificate)?;
+        if !facts.is_ca {
+            return Err(AuthorityError::Certificate(
+                "the certificate is not a CA (basicConstraints cA is not true)".into(),
+            ));
+        }
+        if facts.spki_der != key.subject_public_key_info() {
+            return Err(AuthorityError::KeyMismatch);
+        }
+        if roots.is_empty() {
+            return Err(AuthorityError::Certificate(
+                "the trust bundle is empty".into(),
+            ));
+        }
+        let handle = SignerHandle(Arc::new(key));
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), handle)?;
+        Ok(CertificateAuthority {
+            issuer,
+            cert_der,
+            facts,
+            chain_above,
+            roots,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// DER of the CA certificate that signs leaves.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Facts about the CA certificate (expiry, serial).
+    pub fn facts(&self) -> &CertFacts {
+        &self.facts
+    }
+
+    /// The trust bundle (DER roots).
+    pub fn roots(&self) -> &[Vec<u8>] {
+        &self.roots
+    }
+
+    /// The CA chain a leaf should be followed by: the signing CA, then each CA above it,
+    /// root last.
+    pub fn ca_chain(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.cert_der.as_slice()).chain(self.chain_above.iter().map(Vec::as_slice))
+    }
+
+    /// Whether the signing CA is itself a (self-signed) root.
+    pub fn signer_is_root(&self) -> bool {
+        self.chain_above.is_empty()
+    }
+
+    /// Issues a SPIFFE leaf for `identity` from a CSR.
+    ///
+    /// The CSR contributes its public key only. `requested_ttl_secs <= 0` means the
+    /// policy's default.
+    pub fn issue_from_csr(
+        &self,
+        csr_bytes: &[u8],
+        identity: &SpiffeId,
+        requested_ttl_secs: i64,
+        policy: &IssuancePolicy,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let ttl = policy.granted_ttl(requested_ttl_secs)?;
+        let verified = csr::verify(csr_bytes)?;
+        self.issue_for_key(&verified.public_key, identity, ttl, now)
+    }
+
+    /// Issues a SPIFFE leaf for `identity` binding `public_key`, valid for `ttl`
+    /// (clamped to the signer's lifetime).
+    pub fn issue_for_key(
+        &self,
+        public_key: &PublicKey,
+        identity: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let validity = self.validity(ttl, now)?;
+        let params = self.leaf_template(
+            public_key.kind,
+            vec![SanType::URI(
+                identity.as_str().try_into().map_err(internal)?,
+            )],
+            validity,
+        )?;
+        let issued = self.sign(&params, public_key)?;
+        self.recheck_spiffe_leaf(&issued.facts, identity, public_key, validity)?;
+        Ok(issued)
+    }
+
+    /// Issues a TLS server certificate for the CA's own endpoint (DNS SANs only).
+    pub fn issue_server_cert(
+        &self,
+        public_key: &PublicKey,
+        dns_names: &[String],
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let validity = self.validity(ttl, now)?;
+        let sans = dns_names
+            .iter()
+            .map(|n| {
+                Ok(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(n.as_str().try_into().map_err(internal)?),
+                })
+            })
+            .collect::<Result<Vec<_>, IssueError>>()?;
+        let params = self.leaf_template(public_key.kind, sans, validity)?;
+        let issued = self.sign(&params, public_key)?;
+        if issued.facts.is_ca || issued.facts.san_count != dns_names.len() {
+            return Err(IssueError::Internal(
+                "server certificate failed the re-check".into(),
+            ));
+        }
+        Ok(issued)
+    }
+
+    fn validity(&self, ttl: Duration, now: OffsetDateTime) -> Result<Validity, IssueError> {
+        IssuancePolicy::validity(ttl, now, self.facts.not_before, self.facts.not_after)
+    }
+
+    /// Step 1: the template, from policy and identity only.
+    fn leaf_template(
+        &self,
+        kind: KeyKind,
+        sans: Vec<SanType>,
+        validity: Validity,
+    ) -> Result<CertificateParams, IssueError> {
+        let mut params = CertificateParams::default();
+        // An empty subject; the SAN extension is then critical (rcgen does this).
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = match kind {
+            KeyKind::Rsa(_) => {
+                vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyEncipherment,
+                ]
+            }
+            _ => vec![KeyUsagePurpose::DigitalSignature],
+        };
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        params.serial_number = Some(random_serial(&self.rng)?);
+        Ok(params)
+    }
+
+    /// Step 2: sign.
+    fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &PublicKey,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(internal)?;
+        let der = cert.der().to_vec();
+        let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
+        Ok(IssuedCertificate {
+            spki_sha256: x509::sha256_hex(&facts.spki_der),
+            cert_sha256: x509::sha256_hex(&der),
+            der,
+            facts,
+        })
+    }
+
+    /// Step 3: re-check what was signed against what policy decided, before it leaves.
+    fn recheck_spiffe_leaf(
+        &self,
+        facts: &CertFacts,
+        identity: &SpiffeId,
+        public_key: &PublicKey,
+        validity: Validity,
+    ) -> Result<(), IssueError> {
+        let fail = |what: &str| {
+            Err(IssueError::Internal(format!(
+                "issued certificate failed the re-check: {what}"
+            )))
+        };
+        if facts.uri_sans.len() != 1
+            || facts.san_count != 1
+            || facts.uri_sans[0] != identity.as_str()
+        {
+            return fail("SAN is not exactly the caller's SPIFFE ID");
+        }
+        if !facts.subject_empty || !facts.san_critical {
+            return fail("subject must be empty with a critical SAN");
+        }
+        if facts.is_ca || facts.ku_ca_usages || !facts.ku_digital_signature {
+            return fail("key usage or basic constraints");
+        }
+        if !facts.ekus.iter().any(|e| e == x509::EKU_SERVER_AUTH)
+            || !facts.ekus.iter().any(|e| e == x509::EKU_CLIENT_AUTH)
+        {
+            return fail("extended key usage");
+        }
+        if facts.not_before != validity.not_before
+            || facts.not_after != validity.not_after
+            || facts.not_after > self.facts.not_after
+        {
+            return fail("validity");
+        }
+        if facts.spki_der != public_key.spki_der() {
+            return fail("public key differs from the CSR's");
+        }
+        if facts.issuer_der != self.facts.subject_der {
+            return fail("issuer name");
+        }
+        Ok(())
+    }
+}
+
+fn internal(e: impl fmt::Display) -> IssueError {
+    IssueError::Internal(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::KeyPair;
+
+    fn root(now: OffsetDateTime) -> CertificateAuthority {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        CertificateAuthority::new_self_signed_root(
+            key,
+            "cluster.local",
+            now,
+            Duration::from_secs(3600 * 24),
+        )
+        .unwrap()
+    }
+
+    fn hostile_csr(alg: &'static rcgen::SignatureAlgorithm) -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut params = CertificateParams::new(vec![
+            "spiffe://cluster.local/ns/kube-system/sa/admin".into(),
+        ])
+        .unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .unwrap(),
+        ));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.der().to_vec())
+    }
+
+    const POLICY: IssuancePolicy = IssuancePolicy {
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(86400),
+    };
+
+    #[test]
+    fn identity_comes_from_caller_not_csr() {
+        let now = OffsetDateTime::now_utc();
+        let ca = root(now);
+        let (key, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P384_SHA384);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/vm/sa/mysqldb").unwrap();
+        let issued = ca.issue_from_csr(&csr, &id, 0, &POLICY, now).unwrap();
+        assert_eq!(issued.facts.uri_sans, vec![id.to_string()]);
+        assert!(!issued.facts.is_ca && !issued.facts.ku_ca_usages);
+        assert_eq!(issued.facts.spki_der, key.subject_public_key_info());
+        assert!(issued.facts.serial.len() >= 16);
+    }
+
+    #[test]
+    fn leaf_clamped_to_signer_and_ttl_checked() {
+        let now = OffsetDateTime::now_utc();
+        let ca = root(now);
+        let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let policy = IssuancePolicy {
+            max_ttl: Duration::from_secs(3600 * 48),
+            ..POLICY
+        };
+        let issued = ca
+            .issue_from_csr(&csr, &id, 3600 * 48, &policy, now)
+            .unwrap();
+        assert_eq!(issued.facts.not_after, ca.facts().not_after);
+        assert!(matches!(
+            ca.issue_from_csr(&csr, &id, 3600 * 25, &POLICY, now),
+            Err(IssueError::TtlTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_mismatched_key() {
+        let now = OffsetDateTime::now_utc();
+        let ca = root(now);
+        let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let err = CertificateAuthority::from_parts(
+            ca.cert_der().to_vec(),
+            other,
+            vec![],
+            ca.roots().to_vec(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, AuthorityError::KeyMismatch));
+    }
+}
