@@ -1,0 +1,253 @@
+//! Admin operations while the CA runs: sled allows one process per store, so admins
+//! never open it themselves while the server is up. The server listens on a Unix
+//! socket, `<state-dir>/admin.sock`, mode 0600 inside a 0700 directory: whoever can
+//! open it is as trusted as the CA's own user. The peer's uid is recorded in the audit.
+//!
+//! Protocol: one JSON request line, one JSON response line, then the server closes.
+
+mod socket;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Api, AuditRecord, Decision, ListFilter, Outcome, VerifyReport};
+use crate::authn::Caller;
+use crate::issuance::Issuance;
+
+pub use socket::{AdminClient, serve_socket};
+
+/// A request on the admin socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Sign a CSR for a service account (export-bundle). The key stays with the admin.
+    Sign {
+        /// Namespace of the identity.
+        namespace: String,
+        /// Service account of the identity.
+        service_account: String,
+        /// Requested lifetime in seconds.
+        ttl_secs: i64,
+        /// The CSR, PEM.
+        csr_pem: String,
+    },
+    /// Revoke a certificate this CA issued.
+    Revoke {
+        /// Serial, hex.
+        serial: String,
+        /// Why.
+        reason: String,
+    },
+    /// Query the audit log.
+    AuditList {
+        /// Filters.
+        filter: ListFilter,
+    },
+    /// Every record about one serial.
+    AuditShow {
+        /// Serial, hex.
+        serial: String,
+    },
+    /// Verify the hash chain.
+    AuditVerify,
+}
+
+/// A response on the admin socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    /// The signed chain and trust bundle.
+    Signed {
+        /// Leaf first, root last.
+        cert_chain_pem: Vec<String>,
+        /// Trust bundle.
+        root_cert_pem: String,
+        /// Serial of the leaf.
+        serial: String,
+        /// End of validity, RFC 3339.
+        not_after: String,
+        /// Identity in the leaf.
+        spiffe_id: String,
+    },
+    /// The revocation record.
+    Revoked {
+        /// Its audit record.
+        record: AuditRecord,
+    },
+    /// Matching records.
+    Records {
+        /// Oldest first.
+        records: Vec<AuditRecord>,
+    },
+    /// Chain verification result.
+    Verified {
+        /// The report.
+        report: VerifyReport,
+    },
+    /// The request failed.
+    Error {
+        /// Why, for the admin.
+        message: String,
+    },
+}
+
+fn error(message: impl Into<String>) -> AdminResponse {
+    AdminResponse::Error {
+        message: message.into(),
+    }
+}
+
+/// Executes admin requests against the running CA.
+#[derive(Clone)]
+pub struct AdminService {
+    issuance: Arc<Issuance>,
+}
+
+impl AdminService {
+    /// Over the CA's request path and audit store.
+    pub fn new(issuance: Arc<Issuance>) -> Self {
+        AdminService { issuance }
+    }
+
+    /// Handles one request from `admin` (e.g. `uid:1000`).
+    pub async fn handle(&self, req: AdminRequest, admin: String) -> AdminResponse {
+        let store = self.issuance.audit.store().clone();
+        match req {
+            AdminRequest::Sign {
+                namespace,
+                service_account,
+                ttl_secs,
+                csr_pem,
+            } => {
+                self.sign(namespace, service_account, ttl_secs, csr_pem, admin)
+                    .await
+            }
+            AdminRequest::Revoke { serial, reason } => self.revoke(serial, reason, admin).await,
+            AdminRequest::AuditList { filter } => {
+                match tokio::task::spawn_blocking(move || store.list(&filter)).await {
+                    Ok(Ok(records)) => AdminResponse::Records { records },
+                    Ok(Err(e)) => error(e.to_string()),
+                    Err(e) => error(e.to_string()),
+                }
+            }
+            AdminRequest::AuditShow { serial } => {
+                let serial = ca_core::x509::normalise_serial(&serial);
+                match store.show(&serial) {
+                    Ok(records) => AdminResponse::Records { records },
+                    Err(e) => error(e.to_string()),
+                }
+            }
+            AdminRequest::AuditVerify => {
+                match tokio::task::spawn_blocking(move || store.verify()).await {
+                    Ok(Ok(report)) => AdminResponse::Verified { report },
+                    Ok(Err(e)) => error(e.to_string()),
+                    Err(e) => error(e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn sign(
+        &self,
+        ns: String,
+        sa: String,
+        ttl_secs: i64,
+        csr_pem: String,
+        admin: String,
+    ) -> AdminResponse {
+        let identity = match self.issuance.export_identity(&ns, &sa) {
+            Ok(id) => id,
+            Err(e) => return error(e),
+        };
+        let base = Decision {
+            api: Some(Api::Admin),
+            authenticator: Some("admin-socket".into()),
+            caller: Some(admin),
+            requested_ttl_secs: ttl_secs,
+            ..Default::default()
+        };
+        let caller = Caller {
+            identity,
+            authenticator: "admin-socket",
+        };
+        let policy = self.issuance.export_policy;
+        match self
+            .issuance
+            .sign_for(
+                base,
+                &caller,
+                csr_pem.as_bytes(),
+                ttl_secs,
+                &policy,
+                Instant::now(),
+            )
+            .await
+        {
+            Ok(granted) => {
+                let mut chain = vec![granted.issued.pem()];
+                chain.extend(granted.ca_chain_pem);
+                AdminResponse::Signed {
+                    cert_chain_pem: chain,
+                    root_cert_pem: self.issuance.roots_pem(),
+                    serial: granted.issued.facts.serial.clone(),
+                    not_after: crate::issuance::rfc3339(granted.issued.facts.not_after),
+                    spiffe_id: caller.identity.to_string(),
+                }
+            }
+            Err(status) => error(status.message()),
+        }
+    }
+
+    async fn revoke(&self, serial: String, reason: String, admin: String) -> AdminResponse {
+        let serial = ca_core::x509::normalise_serial(&serial);
+        if reason.trim().is_empty() {
+            return error("a revocation needs a --reason");
+        }
+        let store = self.issuance.audit.store();
+        let issued = match store.issued_record(&serial) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return error(format!(
+                    "serial {serial} was not issued by this CA (it is not in the audit log)"
+                ));
+            }
+            Err(e) => return error(e.to_string()),
+        };
+        match store.revocation(&serial) {
+            Ok(Some(r)) => {
+                return error(format!(
+                    "serial {serial} is already revoked (audit record {})",
+                    r.seq
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return error(e.to_string()),
+        }
+        let decision = Decision {
+            api: Some(Api::Admin),
+            outcome: Some(Outcome::Revoked),
+            reason: Some("admin_revocation".into()),
+            detail: Some(reason.clone()),
+            authenticator: Some("admin-socket".into()),
+            caller: Some(admin),
+            serial: Some(serial.clone()),
+            spiffe_id: issued.decision.spiffe_id,
+            not_after: issued.decision.not_after,
+            ..Default::default()
+        };
+        match self
+            .issuance
+            .audit
+            .revoke(decision, serial.clone(), reason)
+            .await
+        {
+            Ok(record) => {
+                tracing::info!(%serial, "revoked");
+                AdminResponse::Revoked { record }
+            }
+            Err(e) => error(e.to_string()),
+        }
+    }
+}

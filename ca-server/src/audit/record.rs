@@ -1,0 +1,155 @@
+//! One audit record: a decision the CA made, and the hash chain that binds it to the
+//! records before it.
+
+use serde::{Deserialize, Serialize};
+
+/// Which entry point a decision came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `IstioCertificateService/CreateCertificate`.
+    Modern,
+    /// `IstioCAService/HandleCSR`.
+    Legacy,
+    /// The local admin socket (export-bundle, revoke).
+    Admin,
+    /// The CA itself (its own serving certificate).
+    Internal,
+}
+
+impl Api {
+    /// Label used in metrics and listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Api::Modern => "modern",
+            Api::Legacy => "legacy",
+            Api::Admin => "admin",
+            Api::Internal => "internal",
+        }
+    }
+}
+
+/// What was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// A certificate was issued.
+    Issued,
+    /// A request was refused; `reason` says why.
+    Denied,
+    /// A certificate was revoked by an admin.
+    Revoked,
+}
+
+impl Outcome {
+    /// Label used in metrics and listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Issued => "issued",
+            Outcome::Denied => "denied",
+            Outcome::Revoked => "revoked",
+        }
+    }
+
+    /// Parses the command-line spelling.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "issued" => Ok(Outcome::Issued),
+            "denied" => Ok(Outcome::Denied),
+            "revoked" => Ok(Outcome::Revoked),
+            other => Err(format!(
+                "unknown outcome {other:?} (issued, denied or revoked)"
+            )),
+        }
+    }
+}
+
+/// A decision, as the request path fills it in. The store adds sequence, time and chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Which API.
+    pub api: Option<Api>,
+    /// Outcome; `None` is invalid and rejected by the store.
+    pub outcome: Option<Outcome>,
+    /// Stable reason code for denials (and the revocation reason for revocations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail (never key material).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Which authenticator vouched for the caller (or failed to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authenticator: Option<String>,
+    /// The caller's authenticated identity, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    /// Peer network address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Requested TTL in seconds (0 = server default).
+    pub requested_ttl_secs: i64,
+    /// Granted TTL in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granted_ttl_secs: Option<i64>,
+    /// SPIFFE ID written into the certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// Serial of the issued (or revoked) certificate, lowercase hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Certificate validity start, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Certificate validity end, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// SHA-256 of the certified public key (SPKI DER), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spki_sha256: Option<String>,
+    /// SHA-256 of the certificate DER, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
+}
+
+/// A stored record: the decision plus its place in the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the log, from 1, without gaps.
+    pub seq: u64,
+    /// When the decision was recorded, RFC 3339 UTC.
+    pub time: String,
+    /// Hash of the previous record (hex SHA-256); all zeros for the first.
+    pub prev_hash: String,
+    /// The decision.
+    #[serde(flatten)]
+    pub decision: Decision,
+}
+
+/// The hash that precedes the first record.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Encodes a record as stored: 64 hex characters of SHA-256 over the JSON body, a
+/// newline, then the body. Hashing the exact stored bytes means any edit is detected,
+/// including fields a reader would not know.
+pub fn encode(record: &AuditRecord) -> Result<(String, Vec<u8>), serde_json::Error> {
+    let body = serde_json::to_vec(record)?;
+    let hash = ca_core::x509::sha256_hex(&body);
+    let mut stored = Vec::with_capacity(65 + body.len());
+    stored.extend_from_slice(hash.as_bytes());
+    stored.push(b'\n');
+    stored.extend_from_slice(&body);
+    Ok((hash, stored))
+}
+
+/// Decodes a stored value into (stated hash, recomputed hash, record).
+pub fn decode(stored: &[u8]) -> Result<(String, String, AuditRecord), String> {
+    if stored.len() < 65 || stored[64] != b'\n' {
+        return Err("record is not framed as hash + body".into());
+    }
+    let stated = String::from_utf8_lossy(&stored[..64]).into_owned();
+    let body = &stored[65..];
+    let actual = ca_core::x509::sha256_hex(body);
+    let record: AuditRecord =
+        serde_json::from_slice(body).map_err(|e| format!("record body does not parse: {e}"))?;
+    Ok((stated, actual, record))
+}

@@ -1,0 +1,112 @@
+//! Group commit: requests queue their records; one task writes everything queued, then
+//! flushes once and answers them all. Durability costs one fsync per batch, not per
+//! request, and concurrent requests never wait on each other's fsyncs one by one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::store::{Append, AuditError, AuditStore};
+use super::{AuditRecord, Decision};
+
+const MAX_BATCH: usize = 1024;
+
+type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
+
+/// Handle to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<(Append, Reply)>,
+    store: Arc<AuditStore>,
+}
+
+impl AuditWriter {
+    /// Starts the writer task for `store`. It stops when every handle is dropped,
+    /// after answering what was queued.
+    pub fn start(store: Arc<AuditStore>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let task = tokio::spawn(run(store.clone(), rx));
+        (AuditWriter { tx, store }, task)
+    }
+
+    /// The underlying store (for queries).
+    pub fn store(&self) -> &Arc<AuditStore> {
+        &self.store
+    }
+
+    /// Records `decision` and returns once it is durable.
+    pub async fn record(&self, decision: Decision) -> Result<AuditRecord, AuditError> {
+        self.submit(Append {
+            decision,
+            revoke: None,
+        })
+        .await
+    }
+
+    /// Records a revocation and returns once it is durable and in effect.
+    pub async fn revoke(
+        &self,
+        decision: Decision,
+        serial: String,
+        reason: String,
+    ) -> Result<AuditRecord, AuditError> {
+        self.submit(Append {
+            decision,
+            revoke: Some((serial, reason)),
+        })
+        .await
+    }
+
+    async fn submit(&self, append: Append) -> Result<AuditRecord, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((append, reply))
+            .await
+            .map_err(|_| AuditError::WriterGone)?;
+        rx.await.map_err(|_| AuditError::WriterGone)?
+    }
+}
+
+async fn run(store: Arc<AuditStore>, mut rx: mpsc::Receiver<(Append, Reply)>) {
+    let mut appends = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
+    while let Some((append, reply)) = rx.recv().await {
+        appends.push(append);
+        replies.push(reply);
+        while appends.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((a, r)) => {
+                    appends.push(a);
+                    replies.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("ca_audit_batch_size").record(appends.len() as f64);
+        let results = store.write_batch(std::mem::take(&mut appends));
+        let started = Instant::now();
+        let flushed = store.flush().await;
+        metrics::histogram!("ca_audit_flush_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match flushed {
+            Ok(_) => {
+                let written: Vec<AuditRecord> = results
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok().cloned())
+                    .collect();
+                store.publish_revocations(&written);
+                for (reply, result) in replies.drain(..).zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit flush failed: refusing the requests of this batch");
+                metrics::counter!("ca_audit_flush_failures_total").increment(1);
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(AuditError::Io(e.to_string())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! Command line: `serve` and the admin subcommands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ca_core::IssuancePolicy;
+use ca_core::keys::KeyAlgorithm;
+use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::admin::{AdminClient, AdminRequest, AdminResponse};
+use crate::audit::{AuditRecord, AuditStore, ListFilter, Outcome};
+use crate::server::{self, ServeConfig};
+use crate::state::CaSource;
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 1h, 24h, 90d)"))
+}
+
+/// Workload-identity certificate authority compatible with Istio's CA APIs.
+///
+/// Issues short-lived SPIFFE certificates over Istio's CreateCertificate and legacy
+/// HandleCSR gRPC APIs, authenticating callers by client certificates it issued, and
+/// records every decision in a tamper-evident audit log before answering.
+#[derive(Debug, Parser)]
+#[command(name = "ca-server", version)]
+pub struct Cli {
+    /// State directory: CA key and certificate, audit store, admin socket.
+    #[arg(long, global = true, env = "CA_STATE_DIR", default_value = "./ca-data")]
+    pub state_dir: PathBuf,
+    /// Admin socket [default: <state-dir>/admin.sock].
+    #[arg(long, global = true, env = "CA_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the CA (gRPC on --grpc-addr, health and metrics on --http-addr).
+    Serve(ServeArgs),
+    /// Issue a key and certificate bundle for a machine outside GCE (key.pem 0600,
+    /// cert-chain.pem, root-cert.pem). The key is generated here and never sent to the CA.
+    ExportBundle(ExportArgs),
+    /// Revoke a certificate: it can no longer authenticate. Survives restarts; audited.
+    Revoke(RevokeArgs),
+    /// Query and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `serve` flags; each also from the environment variable shown.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC/TLS listen address (both Istio CA APIs).
+    #[arg(long, env = "CA_GRPC_ADDR", default_value = "127.0.0.1:8060")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "CA_HTTP_ADDR", default_value = "127.0.0.1:15014")]
+    pub http_addr: SocketAddr,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "CA_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Certificate lifetime when the caller does not ask for one.
+    #[arg(long, env = "CA_DEFAULT_TTL", default_value = "1h", value_parser = duration)]
+    pub default_ttl: Duration,
+    /// Longest lifetime a caller may request; longer requests are refused.
+    #[arg(long, env = "CA_MAX_TTL", default_value = "24h", value_parser = duration)]
+    pub max_ttl: Duration,
+    /// Longest lifetime of an exported bootstrap bundle.
+    #[arg(long, env = "CA_MAX_EXPORT_TTL", default_value = "8760h", value_parser = duration)]
+    pub max_export_ttl: Duration,
+    /// Key type of a new self-signed root: p256 or p384.
+    #[arg(long, env = "CA_ROOT_KEY_TYPE", default_value = "p256", value_parser = KeyAlgorithm::parse)]
+    pub root_key_type: KeyAlgorithm,
+    /// Lifetime of a new self-signed root.
+    #[arg(long, env = "CA_ROOT_LIFETIME", default_value = "3650d", value_parser = duration)]
+    pub root_lifetime: Duration,
+    /// Use a plugged-in CA instead: a directory with ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem and root-cert.pem (Istio's cacerts layout).
+    #[arg(long, env = "CA_PLUGGED_CA_DIR")]
+    pub plugged_ca_dir: Option<PathBuf>,
+    /// Names in the CA's own serving certificate (comma-separated; IPs allowed).
+    #[arg(
+        long,
+        env = "CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "istio-ca,istio-ca.istio-system.svc,istio-citadel,istio-citadel.istio-system.svc"
+    )]
+    pub server_names: Vec<String>,
+    /// Lifetime of the serving certificate (renewed at half-life).
+    #[arg(long, env = "CA_SERVING_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub serving_cert_ttl: Duration,
+    /// Deadline for one gRPC request.
+    #[arg(long, env = "CA_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Audit records older than this are pruned (verification keeps working).
+    #[arg(long, env = "CA_AUDIT_RETENTION", default_value = "90d", value_parser = duration)]
+    pub audit_retention: Duration,
+    /// Log format: text or json.
+    #[arg(long, env = "CA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// `export-bundle` flags.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Namespace of the identity.
+    #[arg(long)]
+    pub namespace: String,
+    /// Service account of the identity.
+    #[arg(long)]
+    pub service_account: String,
+    /// Lifetime of the bundle's certificate.
+    #[arg(long, default_value = "2160h", value_parser = duration)]
+    pub ttl: Duration,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Key type: p256 or p384.
+    #[arg(long, default_value = "p256", value_parser = KeyAlgorithm::parse)]
+    pub key_type: KeyAlgorithm,
+    /// Overwrite an existing key.pem in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `revoke` arguments.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Serial number, hex (colons allowed).
+    pub serial: String,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    pub reason: String,
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List decisions, oldest first.
+    List {
+        /// Only records whose caller or granted identity is this SPIFFE ID.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only records since this time: RFC 3339, or a duration ago (e.g. 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this outcome: issued, denied or revoked.
+        #[arg(long, value_parser = Outcome::parse)]
+        outcome: Option<Outcome>,
+        /// At most this many (the newest); 0 for all.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every record about one certificate serial.
+    Show {
+        /// Serial number, hex.
+        serial: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain; exit 1 when a record was modified or deleted.
+    Verify {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ca-server: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn runtime_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ca-server: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            return usage_error(format!("{first} (see --help)"));
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let admin_socket = cli
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| cli.state_dir.join("admin.sock"));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return runtime_error(format!("cannot start the runtime: {e}")),
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match serve_config(&cli.state_dir, &admin_socket, &args) {
+                Ok(c) => c,
+                Err(e) => return usage_error(e),
+            };
+            init_logging(&args.log_format);
+            runtime.block_on(serve(cfg))
+        }
+        Command::ExportBundle(args) => {
+            init_logging("text");
+            runtime.block_on(export_bundle(&admin_socket, args))
+        }
+        Command::Revoke(args) => runtime.block_on(admin_or_offline(
+            &cli.state_dir,
+            &admin_socket,
+            AdminRequest::Revoke {
+                serial: args.serial,
+                reason: args.reason,
+            },
+            false,
+        )),
+        Command::Audit(cmd) => runtime.block_on(audit(&cli.state_dir, &admin_socket, cmd)),
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Validates `serve` flags into a [`ServeConfig`]; the error is one line for the operator.
+pub fn serve_config(
+    state_dir: &Path,
+    admin_socket: &Path,
+    a: &ServeArgs,
+) -> Result<ServeConfig, String> {
+    ca_core::spiffe::validate_trust_domain(&a.trust_domain)
+        .map_err(|e| format!("--trust-domain: {e}"))?;
+    if a.default_ttl.is_zero() || a.max_ttl.is_zero() {
+        return Err("--default-ttl and --max-ttl must be positive".into());
+    }
+    if a.default_ttl > a.max_ttl {
+        return Err(format!(
+            "--default-ttl ({}) is longer than --max-ttl ({})",
+            humantime::format_duration(a.default_ttl),
+            humantime::format_duration(a.max_ttl)
+        ));
+    }
+    if a.serving_cert_ttl < Duration::from_secs(60) {
+        return Err("--serving-cert-ttl must be at least 1m".into());
+    }
+    if a.root_lifetime < Duration::from_secs(86400) {
+        return Err("--root-lifetime must be at least 1d".into());
+    }
+    if a.server_names.iter().any(|n| n.trim().is_empty()) || a.server_names.is_empty() {
+        return Err("--server-names must list at least one non-empty name".into());
+    }
+    if a.request_timeout.is_zero() {
+        return Err("--request-timeout must be positive".into());
+    }
+    if a.audit_retention < Duration::from_secs(3600) {
+        return Err("--audit-retention must be at least 1h".into());
+    }
+    if state_dir.exists() && !state_dir.is_dir() {
+        return Err(format!(
+            "--state-dir {} is not a directory",
+            state_dir.display()
+        ));
+    }
+    let ca_source = match &a.plugged_ca_dir {
+        Some(dir) => {
+            for f in [
+                "ca-cert.pem",
+                "ca-key.pem",
+                "cert-chain.pem",
+                "root-cert.pem",
+            ] {
+                if !dir.join(f).is_file() {
+                    return Err(format!(
+                        "--plugged-ca-dir {}: {f} is missing",
+                        dir.display()
+                    ));
+                }
+            }
+            CaSource::Plugged(dir.clone())
+        }
+        None => CaSource::SelfSigned {
+            key: a.root_key_type,
+            lifetime: a.root_lifetime,
+        },
+    };
+    Ok(ServeConfig {
+        state_dir: state_dir.to_owned(),
+        grpc_addr: a.grpc_addr,
+        http_addr: a.http_addr,
+        trust_domain: a.trust_domain.clone(),
+        policy: IssuancePolicy {
+            default_ttl: a.default_ttl,
+            max_ttl: a.max_ttl,
+        },
+        export_policy: IssuancePolicy {
+            default_ttl: a.max_export_ttl.min(Duration::from_secs(2160 * 3600)),
+            max_ttl: a.max_export_ttl,
+        },
+        ca_source,
+        server_names: a.server_names.iter().map(|s| s.trim().to_owned()).collect(),
+        serving_cert_ttl: a.serving_cert_ttl,
+        request_timeout: a.request_timeout,
+        audit_retention: a.audit_retention,
+        admin_socket: admin_socket.to_owned(),
+    })
+}
+
+async fn serve(cfg: ServeConfig) -> ExitCode {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received");
+        let _ = tx.send(true);
+    });
+    match server::run(cfg, rx).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => runtime_error(e),
+    }
+}
+
+async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
+    let key_path = a.out.join("key.pem");
+    if key_path.exists() && !a.force {
+        return usage_error(format!(
+            "{} exists; use --force to replace it",
+            key_path.display()
+        ));
+    }
+    let key = match a.key_type.generate() {
+        Ok(k) => k,
+        Err(e) => return runtime_error(format!("key generation failed: {e}")),
+    };
+    let csr = match rcgen::CertificateParams::default().serialize_request(&key) {
+        Ok(c) => c,
+        Err(e) => return runtime_error(format!("CSR: {e}")),
+    };
+    let req = AdminRequest::Sign {
+        namespace: a.namespace,
+        service_account: a.service_account,
+        ttl_secs: a.ttl.as_secs() as i64,
+        csr_pem: ca_core::pem::csr(csr.der()),
+    };
+    let client = AdminClient::new(admin_socket);
+    if !client.is_up().await {
+        return runtime_error(format!(
+            "no ca-server answers on {} (export-bundle needs the running CA: start `ca-server serve`, or pass --state-dir/--admin-socket)",
+            admin_socket.display()
+        ));
+    }
+    match client.call(&req).await {
+        Ok(AdminResponse::Signed {
+            cert_chain_pem,
+            root_cert_pem,
+            serial,
+            not_after,
+            spiffe_id,
+        }) => {
+            let write = || -> std::io::Result<()> {
+                std::fs::create_dir_all(&a.out)?;
+                crate::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+                crate::fsutil::write_atomic(
+                    &a.out.join("cert-chain.pem"),
+                    cert_chain_pem.concat().as_bytes(),
+                    0o644,
+                )?;
+                crate::fsutil::write_atomic(
+                    &a.out.join("root-cert.pem"),
+                    root_cert_pem.as_bytes(),
+                    0o644,
+                )
+            };
+            if let Err(e) = write() {
+                return runtime_error(format!(
+                    "writing {}: {e} (certificate {serial} was issued and audited)",
+                    a.out.display()
+                ));
+            }
+            println!(
+                "{spiffe_id} serial {serial} valid until {not_after} written to {}",
+                a.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(AdminResponse::Error { message }) => runtime_error(message),
+        Ok(other) => runtime_error(format!("unexpected answer: {other:?}")),
+        Err(e) => runtime_error(e),
+    }
+}
+
+/// Sends an admin request to the running server, or, when none runs, executes it on
+/// the store directly (sled then lets this process open it).
+async fn admin_or_offline(
+    state_dir: &Path,
+    admin_socket: &Path,
+    req: AdminRequest,
+    json: bool,
+) -> ExitCode {
+    let client = AdminClient::new(admin_socket);
+    let response = if client.is_up().await {
+        match client.call(&req).await {
+            Ok(r) => r,
+            Err(e) => return runtime_error(e),
+        }
+    } else {
+        match offline(state_dir, req) {
+            Ok(r) => r,
+            Err(e) => return runtime_error(e),
+        }
+    };
+    print_response(response, json)
+}
+
+fn offline(state_dir: &Path, req: AdminRequest) -> Result<AdminResponse, String> {
+    let dir = state_dir.join("audit");
+    if !dir.exists() {
+        return Err(format!(
+            "no audit store at {} (wrong --state-dir?)",
+            dir.display()
+        ));
+    }
+    let store = AuditStore::open(&dir).map_err(|e| e.to_string())?;
+    Ok(match req {
+        AdminRequest::AuditList { filter } => AdminResponse::Records {
+            records: store.list(&filter).map_err(|e| e.to_string())?,
+        },
+        AdminRequest::AuditShow { serial } => AdminResponse::Records {
+            records: store
+                .show(&ca_core::x509::normalise_serial(&serial))
+                .map_err(|e| e.to_string())?,
+        },
+        AdminRequest::AuditVerify => AdminResponse::Verified {
+            report: store.verify().map_err(|e| e.to_string())?,
+        },
+        AdminRequest::Revoke { serial, reason } => {
+            let serial = ca_core::x509::normalise_serial(&serial);
+            let issued = store
+                .issued_record(&serial)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "serial {serial} was not issued by this CA (it is not in the audit log)"
+                    )
+                })?;
+            if let Some(r) = store.revocation(&serial).map_err(|e| e.to_string())? {
+                return Err(format!(
+                    "serial {serial} is already revoked (audit record {})",
+                    r.seq
+                ));
+            }
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap_or(u32::MAX);
+            let decision = crate::audit::Decision {
+                api: Some(crate::audit::Api::Admin),
+                outcome: Some(Outcome::Revoked),
+                reason: Some("admin_revocation".into()),
+                detail: Some(reason.clone()),
+                authenticator: Some("offline-cli".into()),
+                caller: Some(format!("uid:{uid}")),
+                serial: Some(serial.clone()),
+                spiffe_id: issued.decision.spiffe_id,
+                not_after: issued.decision.not_after,
+                ..Default::default()
+            };
+            let mut results = store.write_batch(vec![crate::audit::Append {
+                decision,
+                revoke: Some((serial, reason)),
+            }]);
+            store.flush_blocking().map_err(|e| e.to_string())?;
+            let record = results.remove(0).map_err(|e| e.to_string())?;
+            AdminResponse::Revoked { record }
+        }
+        AdminRequest::Sign { .. } => return Err("signing needs the running CA".into()),
+    })
+}
+
+fn since_arg(s: &str) -> Result<String, String> {
+    if OffsetDateTime::parse(s, &Rfc3339).is_ok() {
+        return Ok(s.to_owned());
+    }
+    let ago =
+        duration(s).map_err(|e| format!("--since {s:?}: neither RFC 3339 nor a duration: {e}"))?;
+    (OffsetDateTime::now_utc() - ago)
+        .format(&Rfc3339)
+        .map_err(|e| e.to_string())
+}
+
+async fn audit(state_dir: &Path, admin_socket: &Path, cmd: AuditCommand) -> ExitCode {
+    let (req, json) = match cmd {
+        AuditCommand::List {
+            identity,
+            since,
+            outcome,
+            limit,
+            json,
+        } => {
+            let since = match since.as_deref().map(since_arg).transpose() {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            (
+                AdminRequest::AuditList {
+                    filter: ListFilter {
+                        identity,
+                        since,
+                        outcome,
+                        limit,
+                    },
+                },
+                json,
+            )
+        }
+        AuditCommand::Show { serial, json } => (AdminRequest::AuditShow { serial }, json),
+        AuditCommand::Verify { json } => (AdminRequest::AuditVerify, json),
+    };
+    admin_or_offline(state_dir, admin_socket, req, json).await
+}
+
+fn print_record(r: &AuditRecord, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    let d = &r.decision;
+    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "{:>6} {} {:<7} {:<8} {:<14} caller={} id={} serial={} reason={} peer={}",
+        r.seq,
+        r.time,
+        d.outcome.map(|o| o.as_str()).unwrap_or("-"),
+        d.api.map(|a| a.as_str()).unwrap_or("-"),
+        dash(&d.authenticator),
+        dash(&d.caller),
+        dash(&d.spiffe_id),
+        dash(&d.serial),
+        dash(&d.reason),
+        dash(&d.peer),
+    );
+}
+
+fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
+    match resp {
+        AdminResponse::Records { records } => {
+            if records.is_empty() && !json {
+                eprintln!("no matching records");
+            }
+            for r in &records {
+                print_record(r, json);
+            }
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Revoked { record } => {
+            println!(
+                "revoked {} ({}); audit record {}",
+                record.decision.serial.as_deref().unwrap_or("-"),
+                record.decision.spiffe_id.as_deref().unwrap_or("-"),
+                record.seq
+            );
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Verified { report } => {
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                for p in &report.problems {
+                    println!("PROBLEM: {p}");
+                }
+                println!(
+                    "checked {} records from {} to {}; head hash {}",
+                    report.checked, report.first_seq, report.head_seq, report.head_hash
+                );
+            }
+            if report.problems.is_empty() {
+                if !json {
+                    println!("audit log intact");
+                }
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        AdminResponse::Error { message } => runtime_error(message),
+        AdminResponse::Signed { serial, .. } => {
+            println!("signed {serial}");
+            ExitCode::SUCCESS
+        }
+    }
+}

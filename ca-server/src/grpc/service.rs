@@ -1,0 +1,115 @@
+//! The two Istio CA APIs, translated onto [`crate::issuance::Issuance`].
+
+use std::sync::Arc;
+
+use istio_ca_proto::google::rpc::Status as RpcStatus;
+use istio_ca_proto::istio_ca_service_server::IstioCaService;
+use istio_ca_proto::istio_certificate_service_server::IstioCertificateService;
+use istio_ca_proto::{CsrRequest, CsrResponse, IstioCertificateRequest, IstioCertificateResponse};
+use tonic::{Code, Request, Response, Status};
+
+use crate::audit::Api;
+use crate::authn::CallerContext;
+use crate::issuance::{Issuance, Refusal};
+
+/// Implements both gRPC services over one [`Issuance`].
+#[derive(Clone)]
+pub struct CaService {
+    issuance: Arc<Issuance>,
+}
+
+impl CaService {
+    /// Wraps the request path.
+    pub fn new(issuance: Arc<Issuance>) -> Self {
+        CaService { issuance }
+    }
+}
+
+fn context<T>(req: &Request<T>) -> CallerContext {
+    let bearer_token = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned());
+    CallerContext {
+        peer_addr: req.remote_addr(),
+        peer_certs: req.peer_certs(),
+        bearer_token,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let ctx = context(&request);
+        let req = request.into_inner();
+        // We honour no request options (CertSigner, ImpersonatedIdentity...): refuse
+        // them rather than silently issuing something else than what was asked.
+        let refusal = req
+            .metadata
+            .as_ref()
+            .filter(|m| !m.fields.is_empty())
+            .map(|m| {
+                let mut keys: Vec<&str> = m.fields.keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                Refusal {
+                    code: Code::InvalidArgument,
+                    reason: "unsupported_metadata",
+                    message: format!("unsupported request metadata: {}", keys.join(", ")),
+                }
+            });
+        let granted = self
+            .issuance
+            .handle_csr(
+                Api::Modern,
+                &ctx,
+                req.csr.as_bytes(),
+                req.validity_duration,
+                refusal,
+            )
+            .await?;
+        let mut cert_chain = vec![granted.issued.pem()];
+        cert_chain.extend(granted.ca_chain_pem);
+        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCaService for CaService {
+    async fn handle_csr(
+        &self,
+        request: Request<CsrRequest>,
+    ) -> Result<Response<CsrResponse>, Status> {
+        let ctx = context(&request);
+        let req = request.into_inner();
+        // Like the original server, authenticate from the TLS peer or bearer metadata;
+        // `node_agent_credential` and `credential_type` are informational.
+        let ttl_secs = i64::from(req.requested_ttl_minutes.max(0)) * 60;
+        let granted = self
+            .issuance
+            .handle_csr(Api::Legacy, &ctx, &req.csr_pem, ttl_secs, None)
+            .await?;
+        let cert_chain = if granted.signer_is_root {
+            String::new()
+        } else {
+            granted.ca_chain_pem.concat()
+        };
+        Ok(Response::new(CsrResponse {
+            is_approved: true,
+            status: Some(RpcStatus {
+                code: 0,
+                message: String::new(),
+                details: vec![],
+            }),
+            signed_cert: granted.issued.pem().into_bytes(),
+            cert_chain: cert_chain.into_bytes(),
+        }))
+    }
+}

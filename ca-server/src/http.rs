@@ -1,0 +1,94 @@
+//! The HTTP side port: `/healthz`, `/readyz` (says why not ready), `/metrics`.
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Why the server is not ready yet; `None` when it is.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<RwLock<Option<String>>>);
+
+impl Readiness {
+    /// Not ready, because of `why`.
+    pub fn starting(why: &str) -> Self {
+        Readiness(Arc::new(RwLock::new(Some(why.to_owned()))))
+    }
+    /// Sets the reason (or `None` for ready).
+    pub fn set(&self, why: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+    fn get(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Installs the process-wide Prometheus recorder once.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &latency)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("ca_audit_batch_size".into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]));
+            match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AppState {
+    ready: Readiness,
+    metrics: PrometheusHandle,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.ready.get() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> String {
+    s.metrics.render()
+}
+
+/// Serves the side port until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            ready,
+            metrics: metrics_handle(),
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}

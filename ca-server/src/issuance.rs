@@ -1,0 +1,274 @@
+//! The request path of every certificate: authenticate → policy → sign → audit →
+//! answer. Both gRPC APIs and the admin socket go through here, so each decision is
+//! made, and recorded, one way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ca_core::{CertificateAuthority, IssuancePolicy, IssueError, IssuedCertificate, SpiffeId};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tonic::{Code, Status};
+
+use crate::audit::{Api, AuditWriter, Decision, Outcome};
+use crate::authn::{AuthChain, AuthFailure, Caller, CallerContext};
+
+/// A certificate that was issued and durably recorded.
+#[derive(Debug)]
+pub struct Granted {
+    /// The leaf.
+    pub issued: IssuedCertificate,
+    /// PEM of the CA certificates after the leaf: signing CA first, root last.
+    pub ca_chain_pem: Vec<String>,
+    /// Whether the signing CA is the (self-signed) root.
+    pub signer_is_root: bool,
+}
+
+/// A refusal decided before signing, with its wire code and audit reason.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// gRPC code for the caller.
+    pub code: Code,
+    /// Stable reason code for the audit record.
+    pub reason: &'static str,
+    /// Message for the caller (no internals).
+    pub message: String,
+}
+
+/// Everything the request path needs.
+pub struct Issuance {
+    /// The signing authority.
+    pub ca: Arc<CertificateAuthority>,
+    /// Policy for gRPC callers.
+    pub policy: IssuancePolicy,
+    /// Policy for admin exports (longer-lived bootstrap certificates).
+    pub export_policy: IssuancePolicy,
+    /// Trust domain of every identity we issue.
+    pub trust_domain: String,
+    /// How callers prove who they are.
+    pub authn: AuthChain,
+    /// Where decisions are recorded.
+    pub audit: AuditWriter,
+}
+
+fn issue_code(e: &IssueError) -> Code {
+    match e {
+        IssueError::MalformedCsr(_)
+        | IssueError::BadCsrSignature
+        | IssueError::UnsupportedKey(_)
+        | IssueError::TtlTooLong { .. } => Code::InvalidArgument,
+        IssueError::SignerExpired => Code::Unavailable,
+        IssueError::Internal(_) => Code::Internal,
+    }
+}
+
+/// Formats a time as stored in audit records and printed to admins.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl Issuance {
+    /// PEM of the CA chain after a leaf.
+    pub fn ca_chain_pem(&self) -> Vec<String> {
+        self.ca.ca_chain().map(ca_core::pem::certificate).collect()
+    }
+
+    /// PEM of the trust bundle.
+    pub fn roots_pem(&self) -> String {
+        self.ca
+            .roots()
+            .iter()
+            .map(|r| ca_core::pem::certificate(r))
+            .collect()
+    }
+
+    /// Serves one gRPC CSR: authenticate, then [`Issuance::sign_for`].
+    pub async fn handle_csr(
+        &self,
+        api: Api,
+        ctx: &CallerContext,
+        csr: &[u8],
+        requested_ttl_secs: i64,
+        refusal: Option<Refusal>,
+    ) -> Result<Granted, Status> {
+        let started = Instant::now();
+        let base = Decision {
+            api: Some(api),
+            peer: ctx.peer_addr.map(|a| a.to_string()),
+            requested_ttl_secs,
+            ..Default::default()
+        };
+        let caller = match self.authn.authenticate(ctx).await {
+            Ok(c) => c,
+            Err(AuthFailure {
+                authenticator,
+                reason,
+                detail,
+            }) => {
+                let d = Decision {
+                    authenticator: Some(authenticator.into()),
+                    ..base
+                };
+                let msg = format!("authentication failed ({reason})");
+                return Err(self
+                    .deny(d, Code::Unauthenticated, reason, detail, msg, started)
+                    .await);
+            }
+        };
+        let base = Decision {
+            authenticator: Some(caller.authenticator.into()),
+            caller: Some(caller.identity.to_string()),
+            ..base
+        };
+        if let Some(r) = refusal {
+            return Err(self
+                .deny(
+                    base,
+                    r.code,
+                    r.reason,
+                    r.message.clone(),
+                    r.message,
+                    started,
+                )
+                .await);
+        }
+        self.sign_for(
+            base,
+            &caller,
+            csr,
+            requested_ttl_secs,
+            &self.policy,
+            started,
+        )
+        .await
+    }
+
+    /// Policy, signing and audit for an authenticated caller.
+    pub async fn sign_for(
+        &self,
+        base: Decision,
+        caller: &Caller,
+        csr: &[u8],
+        requested_ttl_secs: i64,
+        policy: &IssuancePolicy,
+        started: Instant,
+    ) -> Result<Granted, Status> {
+        if caller.identity.trust_domain() != self.trust_domain {
+            let msg = "identity is outside this CA's trust domain".to_string();
+            return Err(self
+                .deny(
+                    base,
+                    Code::PermissionDenied,
+                    "foreign_trust_domain",
+                    msg.clone(),
+                    msg,
+                    started,
+                )
+                .await);
+        }
+        let now = OffsetDateTime::now_utc();
+        let issued =
+            match self
+                .ca
+                .issue_from_csr(csr, &caller.identity, requested_ttl_secs, policy, now)
+            {
+                Ok(i) => i,
+                Err(e) => {
+                    let msg = match &e {
+                        IssueError::Internal(_) => "internal error".to_string(),
+                        other => other.to_string(),
+                    };
+                    return Err(self
+                        .deny(
+                            base,
+                            issue_code(&e),
+                            e.reason_code(),
+                            e.to_string(),
+                            msg,
+                            started,
+                        )
+                        .await);
+                }
+            };
+        let facts = &issued.facts;
+        let decision = Decision {
+            outcome: Some(Outcome::Issued),
+            granted_ttl_secs: Some((facts.not_after - now).whole_seconds()),
+            spiffe_id: Some(caller.identity.to_string()),
+            serial: Some(facts.serial.clone()),
+            not_before: Some(rfc3339(facts.not_before)),
+            not_after: Some(rfc3339(facts.not_after)),
+            spki_sha256: Some(issued.spki_sha256.clone()),
+            cert_sha256: Some(issued.cert_sha256.clone()),
+            ..base
+        };
+        let api = decision.api.map(|a| a.as_str()).unwrap_or("unknown");
+        let authenticator = caller.authenticator;
+        if let Err(e) = self.audit.record(decision).await {
+            tracing::error!(error = %e, serial = %facts.serial, "audit record not durable: certificate withheld");
+            count(api, "error", authenticator, "audit_unavailable", started);
+            return Err(Status::unavailable(
+                "the CA cannot record decisions right now; no certificate was issued",
+            ));
+        }
+        tracing::info!(api, identity = %caller.identity, serial = %facts.serial, not_after = %facts.not_after, "issued");
+        count(api, "issued", authenticator, "", started);
+        Ok(Granted {
+            ca_chain_pem: self.ca_chain_pem(),
+            signer_is_root: self.ca.signer_is_root(),
+            issued,
+        })
+    }
+
+    /// Records a denial and builds the status for the caller.
+    pub async fn deny(
+        &self,
+        base: Decision,
+        code: Code,
+        reason: &'static str,
+        detail: String,
+        message: String,
+        started: Instant,
+    ) -> Status {
+        let api = base.api.map(|a| a.as_str()).unwrap_or("unknown");
+        let authenticator = base.authenticator.clone().unwrap_or_else(|| "none".into());
+        tracing::warn!(api, reason, %detail, peer = ?base.peer, caller = ?base.caller, "denied");
+        let decision = Decision {
+            outcome: Some(Outcome::Denied),
+            reason: Some(reason.into()),
+            detail: Some(detail),
+            ..base
+        };
+        count(api, "denied", &authenticator, reason, started);
+        if let Err(e) = self.audit.record(decision).await {
+            tracing::error!(error = %e, "could not record a denial");
+            return Status::unavailable("the CA cannot record decisions right now");
+        }
+        Status::new(code, message)
+    }
+
+    /// The identity an admin export is for.
+    pub fn export_identity(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<SpiffeId, String> {
+        SpiffeId::for_service_account(&self.trust_domain, namespace, service_account)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn count(api: &str, outcome: &str, authenticator: &str, reason: &str, started: Instant) {
+    metrics::counter!(
+        "ca_requests_total",
+        "api" => api.to_owned(),
+        "outcome" => outcome.to_owned(),
+        "authenticator" => authenticator.to_owned(),
+        "reason" => reason.to_owned()
+    )
+    .increment(1);
+    if outcome == "issued" {
+        metrics::histogram!("ca_issuance_duration_seconds", "api" => api.to_owned())
+            .record(started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,290 @@
+//! Wiring: loads state, starts every task, and shuts them down in order.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_core::keys::KeyAlgorithm;
+use ca_core::{CertificateAuthority, IssuancePolicy, SpiffeId};
+use rcgen::PublicKeyData;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{AdminService, serve_socket};
+use crate::audit::{Api, AuditStore, AuditWriter, Decision, Outcome};
+use crate::authn::{AuthChain, ClientCertAuthenticator};
+use crate::grpc::{self, CaService, tls};
+use crate::http::{self, Readiness};
+use crate::issuance::Issuance;
+use crate::state::{self, CaSource};
+
+/// Everything `ca-server serve` needs, already validated.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// State directory (CA key and certificate, audit store, admin socket).
+    pub state_dir: PathBuf,
+    /// gRPC/TLS listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP side-port listen address.
+    pub http_addr: SocketAddr,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// TTL policy for gRPC callers.
+    pub policy: IssuancePolicy,
+    /// TTL policy for admin exports.
+    pub export_policy: IssuancePolicy,
+    /// Where the CA comes from.
+    pub ca_source: CaSource,
+    /// DNS names (or IPs) in the serving certificate.
+    pub server_names: Vec<String>,
+    /// Lifetime of the serving certificate; renewed at half-life.
+    pub serving_cert_ttl: Duration,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// Audit records older than this are pruned.
+    pub audit_retention: Duration,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Something in the state directory.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The audit store.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    /// Binding or serving.
+    #[error("{0}")]
+    Io(String),
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> ServeError + '_ {
+    move |e| ServeError::Io(format!("{what}: {e}"))
+}
+
+/// Issues (and audits) the CA's own serving certificate; returns its expiry.
+async fn refresh_serving_cert(
+    ca: &CertificateAuthority,
+    cfg: &ServeConfig,
+    serving: &tls::ServingCert,
+    audit: &AuditWriter,
+) -> Result<OffsetDateTime, String> {
+    let key = KeyAlgorithm::EcdsaP256
+        .generate()
+        .map_err(|e| e.to_string())?;
+    let public = ca_core::csr::verify(
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .map_err(|e| e.to_string())?
+            .der(),
+    )
+    .map_err(|e| e.to_string())?
+    .public_key;
+    let now = OffsetDateTime::now_utc();
+    let issued = ca
+        .issue_server_cert(&public, &cfg.server_names, cfg.serving_cert_ttl, now)
+        .map_err(|e| e.to_string())?;
+    debug_assert_eq!(key.subject_public_key_info(), issued.facts.spki_der);
+    audit
+        .record(Decision {
+            api: Some(Api::Internal),
+            outcome: Some(Outcome::Issued),
+            authenticator: Some("self".into()),
+            caller: Some("ca-server".into()),
+            detail: Some(format!(
+                "serving certificate for {}",
+                cfg.server_names.join(",")
+            )),
+            granted_ttl_secs: Some((issued.facts.not_after - now).whole_seconds()),
+            serial: Some(issued.facts.serial.clone()),
+            not_before: Some(crate::issuance::rfc3339(issued.facts.not_before)),
+            not_after: Some(crate::issuance::rfc3339(issued.facts.not_after)),
+            spki_sha256: Some(issued.spki_sha256.clone()),
+            cert_sha256: Some(issued.cert_sha256.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut chain = vec![issued.der.clone()];
+    chain.extend(ca.ca_chain().map(<[u8]>::to_vec));
+    serving
+        .install(chain, key.serialize_der())
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!("ca_serving_cert_expiry_timestamp_seconds")
+        .set(issued.facts.not_after.unix_timestamp() as f64);
+    tracing::info!(serial = %issued.facts.serial, not_after = %issued.facts.not_after, "serving certificate installed");
+    Ok(issued.facts.not_after)
+}
+
+/// Runs the CA until `shutdown` becomes true.
+pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
+    crate::fsutil::create_private_dir(&cfg.state_dir).map_err(io("state directory"))?;
+    let ready = Readiness::starting("loading the CA and the audit store");
+    let http_listener = TcpListener::bind(cfg.http_addr)
+        .await
+        .map_err(io("binding the HTTP port"))?;
+    let http_addr = http_listener.local_addr().map_err(io("HTTP port"))?;
+    let http_task = tokio::spawn(http::serve(http_listener, ready.clone(), shutdown.clone()));
+
+    let store = Arc::new(AuditStore::open(&cfg.state_dir.join("audit"))?);
+    let (audit, audit_task) = AuditWriter::start(store.clone());
+    let ca = Arc::new(state::load_or_create(
+        &cfg.state_dir,
+        &cfg.trust_domain,
+        &cfg.ca_source,
+    )?);
+    metrics::gauge!("ca_root_expiry_timestamp_seconds")
+        .set(ca.facts().not_after.unix_timestamp() as f64);
+    if SpiffeId::for_service_account(&cfg.trust_domain, "default", "default").is_err() {
+        return Err(ServeError::Io(format!(
+            "invalid trust domain {:?}",
+            cfg.trust_domain
+        )));
+    }
+
+    let serving = Arc::new(tls::ServingCert::default());
+    let serving_expiry = refresh_serving_cert(&ca, &cfg, &serving, &audit)
+        .await
+        .map_err(ServeError::Io)?;
+    let root_subjects = ca
+        .roots()
+        .iter()
+        .filter_map(|r| ca_core::x509::inspect(r).ok().map(|f| f.subject_der))
+        .collect();
+    let tls_config = tls::server_config(
+        serving.clone(),
+        Arc::new(tls::RequestClientCert::new(root_subjects)),
+    )
+    .map_err(|e| ServeError::Io(format!("TLS configuration: {e}")))?;
+
+    let client_cert =
+        ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, store.revoked_set())
+            .map_err(ServeError::Io)?;
+    let issuance = Arc::new(Issuance {
+        ca: ca.clone(),
+        policy: cfg.policy,
+        export_policy: cfg.export_policy,
+        trust_domain: cfg.trust_domain.clone(),
+        authn: AuthChain::default().with(Arc::new(client_cert)),
+        audit: audit.clone(),
+    });
+
+    let grpc_listener = TcpListener::bind(cfg.grpc_addr)
+        .await
+        .map_err(io("binding the gRPC port"))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(io("gRPC port"))?;
+    let admin_task = serve_socket(
+        cfg.admin_socket.clone(),
+        AdminService::new(issuance.clone()),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(io("admin socket"))?;
+    let grpc_task = tokio::spawn(grpc::serve(
+        grpc_listener,
+        tls_config,
+        CaService::new(issuance.clone()),
+        audit.clone(),
+        cfg.request_timeout,
+        shutdown.clone(),
+    ));
+    let renew_task = tokio::spawn(renew_serving_cert(
+        ca.clone(),
+        cfg.clone(),
+        serving,
+        audit.clone(),
+        serving_expiry,
+        shutdown.clone(),
+    ));
+    let prune_task = tokio::spawn(prune_audit(
+        store.clone(),
+        cfg.audit_retention,
+        shutdown.clone(),
+    ));
+
+    let endpoints = serde_json::json!({
+        "grpc": grpc_addr.to_string(),
+        "http": http_addr.to_string(),
+        "admin_socket": cfg.admin_socket.display().to_string(),
+        "pid": std::process::id(),
+    });
+    let endpoints_path = cfg.state_dir.join("endpoints.json");
+    crate::fsutil::write_atomic(&endpoints_path, endpoints.to_string().as_bytes(), 0o644)
+        .map_err(io("endpoints.json"))?;
+    ready.set(None);
+    tracing::info!(%grpc_addr, %http_addr, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "ca-server ready");
+
+    let mut stop = shutdown.clone();
+    let _ = stop.wait_for(|s| *s).await;
+    ready.set(Some("shutting down".into()));
+    tracing::info!("shutting down: draining requests");
+    let drain = async {
+        let _ = grpc_task.await;
+        let _ = admin_task.await;
+        let _ = http_task.await;
+        renew_task.abort();
+        prune_task.abort();
+        drop(issuance);
+        drop(audit);
+        let _ = audit_task.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(15), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; stopping anyway");
+    }
+    let _ = store.flush().await;
+    let _ = std::fs::remove_file(&endpoints_path);
+    Ok(())
+}
+
+async fn renew_serving_cert(
+    ca: Arc<CertificateAuthority>,
+    cfg: ServeConfig,
+    serving: Arc<tls::ServingCert>,
+    audit: AuditWriter,
+    mut expiry: OffsetDateTime,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let remaining = (expiry - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let wait = Duration::try_from(remaining / 2)
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match refresh_serving_cert(&ca, &cfg, &serving, &audit).await {
+            Ok(t) => expiry = t,
+            Err(e) => tracing::error!(error = %e, "serving certificate renewal failed; retrying"),
+        }
+    }
+}
+
+async fn prune_audit(
+    store: Arc<AuditStore>,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let cutoff = OffsetDateTime::now_utc() - retention;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune_before(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(pruned = n, "audit retention pruned old records"),
+            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
+            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The CA's own material on disk: a self-signed root created on first start and reused
+//! afterwards, or a plugged-in intermediate (Istio's `cacerts` layout).
+//!
+//! Self-signed layout under `<state-dir>/ca/`: `ca-key.pem` (0600), `ca-cert.pem`.
+//! Plugged-in layout: `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ca_core::CertificateAuthority;
+use ca_core::keys::KeyAlgorithm;
+use rcgen::KeyPair;
+use time::OffsetDateTime;
+
+use crate::fsutil;
+
+/// Where the CA's certificate and key come from.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// A self-signed root kept in the state directory.
+    SelfSigned {
+        /// Key algorithm for a new root.
+        key: KeyAlgorithm,
+        /// Lifetime of a new root.
+        lifetime: Duration,
+    },
+    /// An intermediate provided by the operator.
+    Plugged(PathBuf),
+}
+
+/// Why the CA material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file could not be read or written.
+    #[error("{path}: {err}")]
+    Io {
+        /// Which file.
+        path: String,
+        /// What went wrong.
+        err: std::io::Error,
+    },
+    /// Content is not what it should be.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn read(path: &Path) -> Result<String, StateError> {
+    std::fs::read_to_string(path).map_err(|err| StateError::Io {
+        path: path.display().to_string(),
+        err,
+    })
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
+    fsutil::write_atomic(path, bytes, mode).map_err(|err| StateError::Io {
+        path: path.display().to_string(),
+        err,
+    })
+}
+
+fn load_key(path: &Path) -> Result<KeyPair, StateError> {
+    KeyPair::from_pem(&read(path)?).map_err(|e| {
+        StateError::Invalid(format!(
+            "{}: not a usable PKCS#8 private key: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<Vec<u8>>, StateError> {
+    let certs = ca_core::pem::parse_certificates(read(path)?.as_bytes())
+        .map_err(|e| StateError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(certs.into_iter().map(|c| c.as_ref().to_vec()).collect())
+}
+
+/// Loads the CA, creating a self-signed root on first start.
+pub fn load_or_create(
+    state_dir: &Path,
+    trust_domain: &str,
+    source: &CaSource,
+) -> Result<CertificateAuthority, StateError> {
+    match source {
+        CaSource::Plugged(dir) => load_plugged(dir),
+        CaSource::SelfSigned { key, lifetime } => {
+            let dir = state_dir.join("ca");
+            fsutil::create_private_dir(&dir).map_err(|err| StateError::Io {
+                path: dir.display().to_string(),
+                err,
+            })?;
+            let key_path = dir.join("ca-key.pem");
+            let cert_path = dir.join("ca-cert.pem");
+            match (key_path.exists(), cert_path.exists()) {
+                (true, true) => {
+                    let key = load_key(&key_path)?;
+                    let cert = load_certs(&cert_path)?.remove(0);
+                    let ca =
+                        CertificateAuthority::from_parts(cert.clone(), key, vec![], vec![cert])
+                            .map_err(|e| StateError::Invalid(format!("{}: {e}", dir.display())))?;
+                    tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "loaded self-signed root");
+                    Ok(ca)
+                }
+                (false, false) => {
+                    let key_pair = key
+                        .generate()
+                        .map_err(|e| StateError::Invalid(format!("key generation: {e}")))?;
+                    let key_pem = key_pair.serialize_pem();
+                    let ca = CertificateAuthority::new_self_signed_root(
+                        key_pair,
+                        trust_domain,
+                        OffsetDateTime::now_utc(),
+                        *lifetime,
+                    )
+                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                    // Key first: a crash in between leaves a key without a certificate,
+                    // which the next start refuses loudly rather than minting a second root.
+                    write(&key_path, key_pem.as_bytes(), 0o600)?;
+                    write(
+                        &cert_path,
+                        ca_core::pem::certificate(ca.cert_der()).as_bytes(),
+                        0o644,
+                    )?;
+                    tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "created self-signed root");
+                    Ok(ca)
+                }
+                (true, false) => Err(StateError::Invalid(format!(
+                    "{} exists but {} does not: refusing to create a new root over an existing key; restore the certificate or move the key away",
+                    key_path.display(),
+                    cert_path.display()
+                ))),
+                (false, true) => Err(StateError::Invalid(format!(
+                    "{} exists but its key {} does not",
+                    cert_path.display(),
+                    key_path.display()
+                ))),
+            }
+        }
+    }
+}
+
+fn load_plugged(dir: &Path) -> Result<CertificateAuthority, StateError> {
+    let cert = load_certs(&dir.join("ca-cert.pem"))?.remove(0);
+    let key = load_key(&dir.join("ca-key.pem"))?;
+    let roots = load_certs(&dir.join("root-cert.pem"))?;
+    let mut chain = load_certs(&dir.join("cert-chain.pem"))?;
+    // Istio's cert-chain.pem usually starts with ca-cert.pem itself.
+    if chain.first() == Some(&cert) {
+        chain.remove(0);
+    }
+    let cert_is_root = roots.contains(&cert);
+    if !cert_is_root && chain.last().is_none_or(|last| !roots.contains(last)) {
+        chain.push(roots[0].clone());
+    }
+    if cert_is_root {
+        chain.clear();
+    }
+    let ca = CertificateAuthority::from_parts(cert, key, chain, roots)
+        .map_err(|e| StateError::Invalid(format!("{}: {e}", dir.display())))?;
+    tracing::info!(dir = %dir.display(), serial = %ca.facts().serial, not_after = %ca.facts().not_after, "loaded plugged-in CA");
+    Ok(ca)
+}
