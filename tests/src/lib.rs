@@ -1,1 +1,339 @@
+//! Shared pieces of the end-to-end suites: run the real `ca-server` binary on
+//! 127.0.0.1 with port 0, talk to it over real TLS, make CSRs and identities.
 #![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use istio_ca_proto::istio_ca_service_client::IstioCaServiceClient;
+use istio_ca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Installs ring as the process crypto provider (idempotent).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Path of a workspace binary, built once per test process so it is never stale.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "ca-server", "--bin", "ca-server"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    if let Err(e) = built {
+        panic!("building the binaries failed: {e}");
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} not found", bin.display());
+    bin
+}
+
+/// A running `ca-server serve` on loopback, killed when dropped.
+pub struct CaProcess {
+    child: Option<Child>,
+    /// The state directory (kept across restarts).
+    pub state_dir: PathBuf,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// HTTP side port.
+    pub http: SocketAddr,
+    extra_args: Vec<String>,
+    log: PathBuf,
+}
+
+impl CaProcess {
+    /// Starts a CA with its state in `state_dir` and extra `serve` flags.
+    pub fn start(state_dir: &Path, extra_args: &[&str]) -> CaProcess {
+        let mut p = CaProcess {
+            child: None,
+            state_dir: state_dir.to_owned(),
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log: state_dir.with_extension("log"),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let endpoints = self.state_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(workspace_bin("ca-server"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ca-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoints) {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("endpoints.json");
+                self.grpc = v["grpc"].as_str().unwrap().parse().unwrap();
+                self.http = v["http"].as_str().unwrap().parse().unwrap();
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "ca-server exited with {status} during start:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ca-server did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// PEM of the CA's trust bundle (self-signed layout).
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("ca/ca-cert.pem")).expect("root certificate")
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "ca-server did not stop on SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts the process again on the same state directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs `ca-server --state-dir <dir> ARGS...` (an admin command).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.state_dir, args)
+    }
+
+    /// Exports a bundle for `ns/sa` into `out` and returns (chain PEM, key PEM).
+    pub fn export_bundle(&self, ns: &str, sa: &str, ttl: &str, out: &Path) -> (String, String) {
+        let o = self.cli(&[
+            "export-bundle",
+            "--namespace",
+            ns,
+            "--service-account",
+            sa,
+            "--ttl",
+            ttl,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "export-bundle failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (
+            std::fs::read_to_string(out.join("cert-chain.pem")).unwrap(),
+            std::fs::read_to_string(out.join("key.pem")).unwrap(),
+        )
+    }
+
+    /// Audit records as JSON values (`audit list --json` plus extra filters).
+    pub fn audit_records(&self, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["audit", "list", "--json", "--limit", "0"];
+        args.extend_from_slice(extra);
+        let o = self.cli(&args);
+        assert!(
+            o.status.success(),
+            "audit list failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// A gRPC channel over TLS, verifying the server as `istio-ca`, optionally with a
+    /// client certificate.
+    pub async fn channel(&self, client: Option<(&str, &str)>) -> Channel {
+        channel(self.grpc, &self.root_pem(), client).await
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `ca-server` CLI against a state directory.
+pub fn run_cli(state_dir: &Path, args: &[&str]) -> Output {
+    Command::new(workspace_bin("ca-server"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ca-server")
+}
+
+/// TLS channel to `addr` trusting `root_pem`, with an optional client identity.
+pub async fn channel(addr: SocketAddr, root_pem: &str, client: Option<(&str, &str)>) -> Channel {
+    install_crypto();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("istio-ca");
+    if let Some((chain, key)) = client {
+        tls = tls.identity(Identity::from_pem(chain, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the CA")
+}
+
+/// Modern API client.
+pub fn modern(ch: &Channel) -> IstioCertificateServiceClient<Channel> {
+    IstioCertificateServiceClient::new(ch.clone())
+}
+
+/// Legacy API client.
+pub fn legacy(ch: &Channel) -> IstioCaServiceClient<Channel> {
+    IstioCaServiceClient::new(ch.clone())
+}
+
+/// A CSR (PEM) for a fresh key of `alg`, asking for a hostile identity and CA powers
+/// that the CA must ignore.
+pub fn hostile_csr(alg: &'static rcgen::SignatureAlgorithm) -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example.com".into()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/kube-system/sa/admin"
+            .try_into()
+            .unwrap(),
+    ));
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "admin");
+    let csr = params.serialize_request(&key).unwrap();
+    (key, csr.pem().unwrap())
+}
+
+/// Runs `openssl` with `args` in `dir`, panicking with its stderr on failure.
+pub fn openssl(dir: &Path, args: &[&str]) -> Output {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A CSR made by OpenSSL (an independent implementation) for a key of `spec`:
+/// `rsa:N` or `ec:CURVE`. Returns the CSR PEM.
+pub fn openssl_csr(dir: &Path, spec: &str) -> String {
+    let key = dir.join(format!("{}.key", spec.replace(':', "-")));
+    let csr = dir.join(format!("{}.csr", spec.replace(':', "-")));
+    let (alg, opt) = spec.split_once(':').unwrap();
+    let opt = if alg == "rsa" {
+        format!("rsa_keygen_bits:{opt}")
+    } else {
+        format!("ec_paramgen_curve:{opt}")
+    };
+    let alg = if alg == "rsa" { "RSA" } else { "EC" };
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            alg,
+            "-pkeyopt",
+            &opt,
+            "-out",
+            key.to_str().unwrap(),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=ignored",
+            "-out",
+            csr.to_str().unwrap(),
+        ],
+    );
+    std::fs::read_to_string(csr).unwrap()
+}

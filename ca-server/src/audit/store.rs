@@ -446,19 +446,4 @@ impl AuditStore {
         self.db.flush()?;
         Ok(doomed.len() as u64)
     }
-
-    /// Raw access for tamper tests and forensics: the stored bytes of record `seq`.
-    pub fn raw_record(&self, seq: u64) -> Result<Option<Vec<u8>>, AuditError> {
-        Ok(self.records.get(seq_key(seq))?.map(|v| v.to_vec()))
-    }
-
-    /// Raw overwrite (tamper tests only: the verification must notice).
-    pub fn raw_overwrite(&self, seq: u64, value: Option<&[u8]>) -> Result<(), AuditError> {
-        match value {
-            Some(v) => self.records.insert(seq_key(seq), v)?,
-            None => self.records.remove(seq_key(seq))?,
-        };
-        self.db.flush()?;
-        Ok(())
-    }
 }
