@@ -447,3 +447,98 @@ impl AuditStore {
         Ok(doomed.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Api;
+
+    fn decision(i: u64) -> Append {
+        Append {
+            decision: Decision {
+                api: Some(Api::Modern),
+                outcome: Some(Outcome::Issued),
+                serial: Some(format!("{i:x}")),
+                spiffe_id: Some(format!("spiffe://cluster.local/ns/n/sa/s{i}")),
+                ..Default::default()
+            },
+            revoke: None,
+        }
+    }
+
+    #[test]
+    fn retention_prunes_without_breaking_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path()).unwrap();
+        for r in store.write_batch((1..=5).map(decision).collect()) {
+            r.unwrap();
+        }
+        store.flush_blocking().unwrap();
+        assert_eq!(
+            store
+                .prune_before(OffsetDateTime::now_utc() - time::Duration::days(1))
+                .unwrap(),
+            0
+        );
+        // Everything is older than a cutoff in the future; the newest record stays.
+        assert_eq!(
+            store
+                .prune_before(OffsetDateTime::now_utc() + time::Duration::days(1))
+                .unwrap(),
+            4
+        );
+        let report = store.verify().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            (report.first_seq, report.head_seq, report.checked),
+            (5, 5, 1)
+        );
+        assert!(
+            store.issued_record("1").unwrap().is_none(),
+            "pruned serial index entries go too"
+        );
+        assert!(store.issued_record("5").unwrap().is_some());
+        for r in store.write_batch((6..=7).map(decision).collect()) {
+            r.unwrap();
+        }
+        store.flush_blocking().unwrap();
+        drop(store);
+        let store = AuditStore::open(dir.path()).unwrap();
+        let report = store.verify().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.first_seq, report.head_seq), (5, 7));
+        // Deleting the first retained record is still noticed.
+        store.records.remove(seq_key(5)).unwrap();
+        let report = store.verify().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("record 5 is missing")),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn revocations_load_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = AuditStore::open(dir.path()).unwrap();
+            let mut d = decision(9);
+            d.decision.outcome = Some(Outcome::Revoked);
+            d.revoke = Some(("9".into(), "test".into()));
+            let written: Vec<_> = store
+                .write_batch(vec![d])
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            store.flush_blocking().unwrap();
+            store.publish_revocations(&written);
+            assert!(store.revoked_set().read().unwrap().contains("9"));
+        }
+        let store = AuditStore::open(dir.path()).unwrap();
+        assert!(store.revoked_set().read().unwrap().contains("9"));
+        assert_eq!(store.revocation("9").unwrap().unwrap().reason, "test");
+    }
+}

@@ -1,0 +1,153 @@
+//! The command line and the HTTP side port, as an operator meets them.
+
+use std::process::{Command, Stdio};
+
+use e2e::{CaProcess, workspace_bin};
+
+fn serve_with(args: &[&str]) -> std::process::Output {
+    let tmp = tempfile::tempdir().unwrap();
+    Command::new(workspace_bin("ca-server"))
+        .arg("--state-dir")
+        .arg(tmp.path().join("s"))
+        .arg("serve")
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_configuration_is_one_line_and_exit_64() {
+    for (args, needle) in [
+        (vec!["--default-ttl", "48h"], "--default-ttl"),
+        (vec!["--max-ttl", "soon"], "soon"),
+        (vec!["--trust-domain", "Bad Domain"], "trust domain"),
+        (
+            vec!["--plugged-ca-dir", "/nonexistent"],
+            "ca-cert.pem is missing",
+        ),
+        (vec!["--root-key-type", "ed448"], "ed448"),
+        (vec!["--no-such-flag"], "no-such-flag"),
+    ] {
+        let out = serve_with(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {stderr}"
+        );
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn environment_configures_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(workspace_bin("ca-server"))
+        .args(["serve"])
+        .env("CA_STATE_DIR", tmp.path().join("s"))
+        .env("CA_DEFAULT_TTL", "2h")
+        .env("CA_MAX_TTL", "1h")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--default-ttl (2h) is longer than --max-ttl (1h)")
+    );
+}
+
+#[test]
+fn help_explains_every_serve_flag() {
+    let out = Command::new(workspace_bin("ca-server"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--grpc-addr",
+        "--http-addr",
+        "--trust-domain",
+        "--default-ttl",
+        "--max-ttl",
+        "--audit-retention",
+        "CA_MAX_TTL",
+    ] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start(&tmp.path().join("state"), &[]);
+    assert_eq!(http_get(ca.http, "/healthz").0, 200);
+    assert_eq!(http_get(ca.http, "/readyz").0, 200);
+    let (chain, key) = ca.export_bundle("vm", "m", "1h", &tmp.path().join("b"));
+    let ch = ca.channel(Some((&chain, &key))).await;
+    let (_, csr) = e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    e2e::modern(&ch)
+        .create_certificate(istio_ca_proto::IstioCertificateRequest {
+            csr,
+            validity_duration: 0,
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    let (code, metrics) = http_get(ca.http, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "ca_requests_total{api=\"modern\",outcome=\"issued\",authenticator=\"client-cert\",reason=\"\"} 1",
+        "ca_issuance_duration_seconds_bucket",
+        "ca_audit_flush_duration_seconds_bucket",
+        "ca_root_expiry_timestamp_seconds",
+        "ca_serving_cert_expiry_timestamp_seconds",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+}
+
+/// A second server on the same state directory fails clearly instead of corrupting it.
+#[test]
+fn second_server_on_same_state_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _ca = CaProcess::start(&state, &[]);
+    let out = Command::new(workspace_bin("ca-server"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}
