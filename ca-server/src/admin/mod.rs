@@ -74,7 +74,7 @@ pub enum AdminResponse {
     /// The revocation record.
     Revoked {
         /// Its audit record.
-        record: AuditRecord,
+        record: Box<AuditRecord>,
     },
     /// Matching records.
     Records {
@@ -245,7 +245,7 @@ impl AdminService {
         {
             Ok(record) => {
                 tracing::info!(%serial, "revoked");
-                AdminResponse::Revoked { record }
+                AdminResponse::Revoked { record: Box::new(record) }
             }
             Err(e) => error(e.to_string()),
         }
