@@ -1,1 +1,316 @@
-fn main() {}
+//! `ca-bench`: drives `CreateCertificate` over mutual TLS against a real `ca-server`
+//! process on 127.0.0.1 and reports certificates per second and latency percentiles at
+//! several concurrencies, next to the crypto ceiling measured in the same run.
+//!
+//! Build both binaries in release mode first:
+//! `cargo build --release -p ca-server -p ca-bench && target/release/ca-bench`
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ca_core::{CertificateAuthority, IssuancePolicy, SpiffeId};
+use clap::Parser;
+use e2e::CaProcess;
+use istio_ca_proto::IstioCertificateRequest;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
+use time::OffsetDateTime;
+
+/// Load tool for the CA.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The ca-server binary [default: next to this binary].
+    #[arg(long)]
+    ca_bin: Option<PathBuf>,
+    /// Concurrency levels (in-flight requests).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    concurrency: Vec<usize>,
+    /// Seconds per concurrency level.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Distinct pre-generated CSRs to cycle through.
+    #[arg(long, default_value_t = 64)]
+    csrs: usize,
+    /// Maximum requests per level (keeps the loop bounded).
+    #[arg(long, default_value_t = 200_000)]
+    max_requests: usize,
+}
+
+struct Level {
+    concurrency: usize,
+    requests: usize,
+    errors: usize,
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// Single-core rate of the crypto a P-256 issuance cannot avoid: verify the CSR's
+/// signature and sign one leaf (ring, directly, no parsing or encoding).
+fn crypto_ceiling_per_core(csr_pem: &str, window: Duration) -> (f64, f64) {
+    let rng = SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let tbs = vec![0x5au8; 420]; // about the size of a SPIFFE leaf's TBSCertificate
+    let sig = key.sign(&rng, &tbs).unwrap();
+    let public = signature::UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        key.public_key().as_ref().to_vec(),
+    );
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        public.verify(&tbs, sig.as_ref()).unwrap();
+        let _ = key.sign(&rng, &tbs).unwrap();
+        n += 1;
+    }
+    let raw = n as f64 / started.elapsed().as_secs_f64();
+
+    // The same pair done the product's way (parse, verify, template, sign, re-check).
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = CertificateAuthority::new_self_signed_root(
+        ca_key,
+        "cluster.local",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(86400 * 365),
+    )
+    .unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/bench").unwrap();
+    let policy = IssuancePolicy {
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(86400),
+    };
+    let started = Instant::now();
+    let mut m = 0u64;
+    while started.elapsed() < window {
+        ca.issue_from_csr(
+            csr_pem.as_bytes(),
+            &id,
+            0,
+            &policy,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        m += 1;
+    }
+    (raw, m as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn run_level(
+    channels: &[tonic::transport::Channel],
+    csrs: Arc<Vec<String>>,
+    concurrency: usize,
+    window: Duration,
+    max_requests: usize,
+    rate: Option<f64>,
+) -> Level {
+    let started = Instant::now();
+    let deadline = started + window;
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(max_requests));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let ch = channels[w % channels.len()].clone();
+        let csrs = csrs.clone();
+        let budget = budget.clone();
+        // Open loop when a rate is given: each worker sends at rate/concurrency.
+        let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+        tasks.push(tokio::spawn(async move {
+            let mut client = e2e::modern(&ch);
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            let mut i = w;
+            let mut next = Instant::now()
+                + interval
+                    .map(|iv| iv.mul_f64(w as f64 / concurrency as f64))
+                    .unwrap_or_default();
+            while Instant::now() < deadline {
+                if budget.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                    break;
+                }
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += iv;
+                }
+                let csr = csrs[i % csrs.len()].clone();
+                i += concurrency;
+                let t = Instant::now();
+                match client
+                    .create_certificate(IstioCertificateRequest {
+                        csr,
+                        validity_duration: 0,
+                        metadata: None,
+                    })
+                    .await
+                {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Level {
+        concurrency,
+        requests: all.len(),
+        errors,
+        per_sec: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    e2e::install_crypto();
+    let args = Args::parse();
+    let bin = args.ca_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("ca-server")
+    });
+    assert!(
+        bin.exists(),
+        "{} not found: build it with cargo build --release -p ca-server",
+        bin.display()
+    );
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+
+    let csrs: Vec<String> = (0..args.csrs.max(1))
+        .map(|_| e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1)
+        .collect();
+    let (raw_per_core, product_per_core) =
+        crypto_ceiling_per_core(&csrs[0], Duration::from_secs(2));
+    let ceiling = raw_per_core * cores as f64;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start_bin(bin, &tmp.path().join("state"), &["--max-ttl", "24h"]);
+    let (chain, key) = ca.export_bundle("bench", "load", "24h", &tmp.path().join("bundle"));
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(ca.channel(Some((&chain, &key))).await);
+    }
+    let csrs = Arc::new(csrs);
+    // Warm-up: connections, caches, allocator.
+    run_level(
+        &channels,
+        csrs.clone(),
+        8,
+        Duration::from_secs(1),
+        5_000,
+        None,
+    )
+    .await;
+
+    println!("cores: {cores}");
+    println!(
+        "crypto ceiling (ring P-256 verify + sign, per core): {raw_per_core:.0}/s; x{cores} cores = {ceiling:.0}/s"
+    );
+    println!(
+        "in-process issuance (parse, verify, template, sign, re-check), per core: {product_per_core:.0}/s"
+    );
+    println!();
+    println!(
+        "| concurrency | requests | errors | certs/s | p50 ms | p99 ms | % of crypto ceiling |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut best: Option<Level> = None;
+    for &c in &args.concurrency {
+        let l = run_level(
+            &channels,
+            csrs.clone(),
+            c,
+            Duration::from_secs(args.seconds),
+            args.max_requests,
+            None,
+        )
+        .await;
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0}% |",
+            l.concurrency,
+            l.requests,
+            l.errors,
+            l.per_sec,
+            ms(l.p50),
+            ms(l.p99),
+            100.0 * l.per_sec / ceiling
+        );
+        if best.as_ref().is_none_or(|b| l.per_sec > b.per_sec) {
+            best = Some(l);
+        }
+    }
+    let best = best.expect("at least one level");
+    let half = best.per_sec / 2.0;
+    let l = run_level(
+        &channels,
+        csrs.clone(),
+        best.concurrency,
+        Duration::from_secs(args.seconds),
+        args.max_requests,
+        Some(half),
+    )
+    .await;
+    println!();
+    println!(
+        "best: {:.0} certs/s at concurrency {} = {:.0}% of the crypto ceiling",
+        best.per_sec,
+        best.concurrency,
+        100.0 * best.per_sec / ceiling
+    );
+    println!(
+        "at half that load ({:.0}/s offered, open loop): {:.0} certs/s, p50 {} ms, p99 {} ms, errors {}",
+        half,
+        l.per_sec,
+        ms(l.p50),
+        ms(l.p99),
+        l.errors
+    );
+    let metrics = std::process::Command::new("curl")
+        .arg("-s")
+        .arg(format!("http://{}/metrics", ca.http))
+        .output();
+    if let Ok(m) = metrics {
+        let text = String::from_utf8_lossy(&m.stdout);
+        let count = text
+            .lines()
+            .find(|l| l.starts_with("ca_audit_flush_duration_seconds_count"))
+            .unwrap_or("");
+        let batch_sum = text
+            .lines()
+            .find(|l| l.starts_with("ca_audit_batch_size_sum"))
+            .unwrap_or("");
+        println!("audit: {count}; {batch_sum}");
+    }
+}

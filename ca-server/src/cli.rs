@@ -522,7 +522,9 @@ fn offline(state_dir: &Path, req: AdminRequest) -> Result<AdminResponse, String>
             }]);
             store.flush_blocking().map_err(|e| e.to_string())?;
             let record = results.remove(0).map_err(|e| e.to_string())?;
-            AdminResponse::Revoked { record: Box::new(record) }
+            AdminResponse::Revoked {
+                record: Box::new(record),
+            }
         }
         AdminRequest::Sign { .. } => return Err("signing needs the running CA".into()),
     })

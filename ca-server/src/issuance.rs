@@ -211,7 +211,8 @@ impl Issuance {
                 "the CA cannot record decisions right now; no certificate was issued",
             ));
         }
-        tracing::info!(api, identity = %caller.identity, serial = %facts.serial, not_after = %facts.not_after, "issued");
+        // The audit record is the durable account; the log line is for debugging.
+        tracing::debug!(api, identity = %caller.identity, serial = %facts.serial, not_after = %facts.not_after, "issued");
         count(api, "issued", authenticator, "", started);
         Ok(Granted {
             ca_chain_pem: self.ca_chain_pem(),

@@ -58,12 +58,19 @@ pub struct CaProcess {
     pub http: SocketAddr,
     extra_args: Vec<String>,
     log: PathBuf,
+    bin: PathBuf,
 }
 
 impl CaProcess {
     /// Starts a CA with its state in `state_dir` and extra `serve` flags.
     pub fn start(state_dir: &Path, extra_args: &[&str]) -> CaProcess {
+        Self::start_bin(workspace_bin("ca-server"), state_dir, extra_args)
+    }
+
+    /// Like [`CaProcess::start`] with a given `ca-server` binary (e.g. a release build).
+    pub fn start_bin(bin: PathBuf, state_dir: &Path, extra_args: &[&str]) -> CaProcess {
         let mut p = CaProcess {
+            bin,
             child: None,
             state_dir: state_dir.to_owned(),
             grpc: "127.0.0.1:0".parse().unwrap(),
@@ -83,7 +90,7 @@ impl CaProcess {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(workspace_bin("ca-server"))
+        let child = Command::new(&self.bin)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args([
@@ -168,7 +175,13 @@ impl CaProcess {
 
     /// Runs `ca-server --state-dir <dir> ARGS...` (an admin command).
     pub fn cli(&self, args: &[&str]) -> Output {
-        run_cli(&self.state_dir, args)
+        Command::new(&self.bin)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ca-server")
     }
 
     /// Exports a bundle for `ns/sa` into `out` and returns (chain PEM, key PEM).

@@ -245,7 +245,9 @@ impl AdminService {
         {
             Ok(record) => {
                 tracing::info!(%serial, "revoked");
-                AdminResponse::Revoked { record: Box::new(record) }
+                AdminResponse::Revoked {
+                    record: Box::new(record),
+                }
             }
             Err(e) => error(e.to_string()),
         }

@@ -129,15 +129,22 @@ pub fn now_rfc3339() -> String {
 impl AuditStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                AuditError::Locked(dir.display().to_string())
-            }
-            other => AuditError::Io(other.to_string()),
-        })?;
+        // We flush explicitly before every acknowledgement; sled's periodic flusher would
+        // only add fsyncs.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    AuditError::Locked(dir.display().to_string())
+                }
+                other => AuditError::Io(other.to_string()),
+            })?;
         let records = db.open_tree("records")?;
         let serials = db.open_tree("serials")?;
         let revoked = db.open_tree("revoked")?;

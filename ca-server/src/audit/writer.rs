@@ -86,6 +86,9 @@ async fn run(
     while let Some((append, reply)) = rx.recv().await {
         appends.push(append);
         replies.push(reply);
+        // Let handlers that are already running enqueue before we commit: under load
+        // this grows the batch (fewer fsyncs); when idle it costs one scheduler pass.
+        tokio::task::yield_now().await;
         while appends.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok((a, r)) => {
