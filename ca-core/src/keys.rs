@@ -71,13 +71,16 @@ pub fn rsa_modulus_bits(pkcs1: &[u8]) -> Result<u32, der::Error> {
     Ok((modulus.len() as u32) * 8 - leading)
 }
 
-/// Key algorithms the CA can generate for itself or for exported bundles.
+/// Key algorithms this project generates: for the CA itself, exported bundles and the
+/// node agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyAlgorithm {
     /// ECDSA P-256 with SHA-256 (the default).
     EcdsaP256,
     /// ECDSA P-384 with SHA-384.
     EcdsaP384,
+    /// RSA with PKCS#1 v1.5 SHA-256 signatures, modulus of the given size.
+    Rsa(usize),
 }
 
 impl KeyAlgorithm {
@@ -86,23 +89,64 @@ impl KeyAlgorithm {
         match name {
             "p256" | "ecdsa-p256" => Ok(KeyAlgorithm::EcdsaP256),
             "p384" | "ecdsa-p384" => Ok(KeyAlgorithm::EcdsaP384),
+            "rsa2048" => Ok(KeyAlgorithm::Rsa(2048)),
+            "rsa3072" => Ok(KeyAlgorithm::Rsa(3072)),
+            "rsa4096" => Ok(KeyAlgorithm::Rsa(4096)),
             other => Err(format!(
-                "unsupported key algorithm {other:?} (use p256 or p384)"
+                "unsupported key type {other:?} (use p256, p384, rsa2048, rsa3072 or rsa4096)"
             )),
         }
     }
 
-    /// Generates a fresh key pair.
+    /// Generates a fresh key pair. RSA generation is slow (hundreds of milliseconds
+    /// for 2048 bits, seconds for 4096): it is meant for roots and agents, not hot paths.
     pub fn generate(self) -> Result<KeyPair, rcgen::Error> {
-        KeyPair::generate_for(match self {
-            KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            KeyAlgorithm::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-        })
+        match self {
+            KeyAlgorithm::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            KeyAlgorithm::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+            KeyAlgorithm::Rsa(bits) => {
+                use rsa::pkcs8::EncodePrivateKey;
+                // ring signs with RSA keys but cannot generate them; the rsa crate only
+                // generates the key here, and ring makes every signature with it.
+                let rejected = |what: &str, e: &dyn std::fmt::Display| {
+                    rcgen::Error::RingKeyRejected(format!("RSA key {what}: {e}"))
+                };
+                let key = rsa::PrivateKey::new(&mut getrandom::SysRng, bits)
+                    .map_err(|e| rejected("generation", &e))?;
+                let der = key.to_pkcs8_der().map_err(|e| rejected("encoding", &e))?;
+                let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+                KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::KeyAlgorithm;
+    use rcgen::PublicKeyData;
+
+    #[test]
+    fn generated_keys_make_acceptable_csrs() {
+        for (name, kind) in [
+            ("p256", crate::KeyKind::EcdsaP256),
+            ("p384", crate::KeyKind::EcdsaP384),
+            ("rsa2048", crate::KeyKind::Rsa(2048)),
+        ] {
+            let key = KeyAlgorithm::parse(name).unwrap().generate().unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            let verified = crate::csr::verify(csr.der()).unwrap();
+            assert_eq!(verified.public_key.kind, kind);
+            assert_eq!(
+                verified.public_key.spki_der(),
+                key.subject_public_key_info()
+            );
+        }
+        assert!(KeyAlgorithm::parse("p521").is_err());
+    }
+
     #[test]
     fn rsa_modulus_size_ignores_sign_byte() {
         // SEQUENCE { INTEGER 0x00 0x80..(256 bytes) , INTEGER 65537 }

@@ -7,7 +7,9 @@ use time::OffsetDateTime;
 use crate::error::IssueError;
 
 /// Clock skew we tolerate between the CA and its callers: leaves start this much in
-/// the past so a caller whose clock is a little behind can use them at once.
+/// the past so a caller whose clock is a little behind can use them at once. Short
+/// leaves are backdated by a tenth of their TTL at most, so that their lifetime (which
+/// agents schedule renewal from) stays close to what was asked.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
 /// The smallest lifetime worth issuing; a signer with less left than this refuses.
@@ -56,8 +58,10 @@ impl IssuancePolicy {
     ) -> Result<Validity, IssueError> {
         // X.509 times have whole seconds; decide on what will be encoded.
         let now = now - time::Duration::nanoseconds(i64::from(now.nanosecond()));
-        let not_before = (now - BACKDATE).max(signer_not_before);
-        let not_after = (now + ttl).min(signer_not_after);
+        let backdate = Duration::from_secs(BACKDATE.min(ttl / 10).as_secs());
+        let not_before = (now - backdate).max(signer_not_before);
+        let not_after = now + Duration::from_secs(ttl.as_secs());
+        let not_after = not_after.min(signer_not_after);
         if not_after - now < MIN_TTL.min(ttl) {
             return Err(IssueError::SignerExpired);
         }
@@ -104,6 +108,18 @@ mod tests {
         .unwrap();
         assert_eq!(v.not_after, now + time::Duration::hours(1));
         assert_eq!(v.not_before, now - time::Duration::seconds(10));
+        let short = IssuancePolicy::validity(
+            Duration::from_secs(20),
+            now,
+            now - time::Duration::days(1),
+            now + time::Duration::days(1),
+        )
+        .unwrap();
+        assert_eq!(
+            short.not_before,
+            now - time::Duration::seconds(2),
+            "backdated by a tenth of a short TTL"
+        );
         let expired = IssuancePolicy::validity(
             Duration::from_secs(7200),
             now,

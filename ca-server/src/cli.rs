@@ -77,7 +77,7 @@ pub struct ServeArgs {
     /// Longest lifetime of an exported bootstrap bundle.
     #[arg(long, env = "CA_MAX_EXPORT_TTL", default_value = "8760h", value_parser = duration)]
     pub max_export_ttl: Duration,
-    /// Key type of a new self-signed root: p256 or p384.
+    /// Key type of a new self-signed root: p256, p384, rsa2048, rsa3072 or rsa4096.
     #[arg(long, env = "CA_ROOT_KEY_TYPE", default_value = "p256", value_parser = KeyAlgorithm::parse)]
     pub root_key_type: KeyAlgorithm,
     /// Lifetime of a new self-signed root.
@@ -124,7 +124,7 @@ pub struct ExportArgs {
     /// Output directory (created if missing).
     #[arg(long)]
     pub out: PathBuf,
-    /// Key type: p256 or p384.
+    /// Key type: p256, p384, rsa2048, rsa3072 or rsa4096.
     #[arg(long, default_value = "p256", value_parser = KeyAlgorithm::parse)]
     pub key_type: KeyAlgorithm,
     /// Overwrite an existing key.pem in --out.

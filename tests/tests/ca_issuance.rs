@@ -282,3 +282,46 @@ async fn plugged_in_intermediate_chains() {
         false,
     );
 }
+
+/// The root's key type is selectable; leaves chain to an RSA or P-384 root as well.
+#[tokio::test(flavor = "multi_thread")]
+async fn root_key_type_is_selectable() {
+    for (key_type, needle) in [
+        ("rsa3072", "Public-Key: (3072 bit)"),
+        ("p384", "NIST CURVE: P-384"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CaProcess::start(&tmp.path().join("state"), &["--root-key-type", key_type]);
+        let root = ca.root_pem();
+        std::fs::write(tmp.path().join("root.pem"), &root).unwrap();
+        let text = openssl(tmp.path(), &["x509", "-in", "root.pem", "-noout", "-text"]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(text.contains(needle), "{key_type}: {text}");
+        assert!(text.contains("CA:TRUE"));
+        let (chain, key) = ca.export_bundle("ns", "sa", "1h", &tmp.path().join("b"));
+        let ch = ca.channel(Some((&chain, &key))).await;
+        let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let resp = modern(&ch)
+            .create_certificate(IstioCertificateRequest {
+                csr,
+                validity_duration: 0,
+                metadata: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_svid(
+            tmp.path(),
+            &resp.cert_chain[0],
+            &resp.cert_chain[1..],
+            &root,
+            "spiffe://cluster.local/ns/ns/sa/sa",
+            false,
+        );
+        // Restarting reuses the same root.
+        drop(ch);
+        let mut ca = ca;
+        ca.restart();
+        assert_eq!(ca.root_pem(), root);
+    }
+}
