@@ -283,8 +283,8 @@ pub fn serve_config(
             humantime::format_duration(a.max_ttl)
         ));
     }
-    if a.serving_cert_ttl < Duration::from_secs(60) {
-        return Err("--serving-cert-ttl must be at least 1m".into());
+    if a.serving_cert_ttl < Duration::from_secs(10) {
+        return Err("--serving-cert-ttl must be at least 10s".into());
     }
     if a.root_lifetime < Duration::from_secs(86400) {
         return Err("--root-lifetime must be at least 1d".into());

@@ -350,3 +350,29 @@ pub fn openssl_csr(dir: &Path, spec: &str) -> String {
     );
     std::fs::read_to_string(csr).unwrap()
 }
+
+/// Completes a TLS handshake with the CA as `istio-ca` (no client certificate) and
+/// returns the serving certificate chain it presented.
+pub async fn serving_chain(
+    addr: SocketAddr,
+    root_pem: &str,
+) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("istio-ca").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the CA");
+    tls.get_ref().1.peer_certificates().unwrap().to_vec()
+}

@@ -325,3 +325,44 @@ async fn root_key_type_is_selectable() {
         assert_eq!(ca.root_pem(), root);
     }
 }
+
+/// The CA's own serving certificate is issued by itself for the configured names and
+/// renewed at half-life without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn serving_certificate_is_renewed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start(&tmp.path().join("state"), &["--serving-cert-ttl", "10s"]);
+    let root = ca.root_pem();
+    let first = e2e::serving_chain(ca.grpc, &root).await;
+    let (_, leaf) = X509Certificate::from_der(first[0].as_ref()).unwrap();
+    let names: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("istio-ca.istio-system.svc")),
+        "{names:?}"
+    );
+    let first_serial = leaf.raw_serial().to_vec();
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    let second = e2e::serving_chain(ca.grpc, &root).await;
+    let (_, leaf2) = X509Certificate::from_der(second[0].as_ref()).unwrap();
+    assert_ne!(
+        leaf2.raw_serial(),
+        first_serial.as_slice(),
+        "renewed after half of 10s"
+    );
+    let internal = ca
+        .audit_records(&["--outcome", "issued"])
+        .into_iter()
+        .filter(|r| r["api"] == "internal")
+        .count();
+    assert!(internal >= 2, "each serving certificate is audited");
+}
