@@ -1,0 +1,277 @@
+//! The renewal loop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ca_core::keys::KeyAlgorithm;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::ca_client::{self, CaEndpoint, CallError};
+use crate::credential::{CertDir, Credential, Found};
+use crate::publish::{self, Bundle};
+use crate::schedule::{Backoff, RenewalSchedule};
+use crate::status::{Status, rfc3339};
+use crate::verify;
+
+/// Everything the agent needs, validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The CA.
+    pub ca: CaEndpoint,
+    /// Where the sidecar reads `key.pem`, `cert-chain.pem`, `root-cert.pem`.
+    pub certs_dir: PathBuf,
+    /// The admin-exported bundle, kept apart from the rotating files.
+    pub bootstrap_dir: PathBuf,
+    /// Requested certificate lifetime.
+    pub ttl: Duration,
+    /// When to renew.
+    pub schedule: RenewalSchedule,
+    /// Key type for new keys.
+    pub key_type: KeyAlgorithm,
+    /// First retry delay.
+    pub min_backoff: Duration,
+    /// Largest retry delay.
+    pub max_backoff: Duration,
+    /// The status file.
+    pub status_file: PathBuf,
+    /// Make sure a valid, not-yet-due certificate is published, then exit.
+    pub once: bool,
+}
+
+/// How the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested.
+    Shutdown,
+    /// `--once` finished with a valid certificate.
+    Done,
+    /// Nothing the agent can do alone: an admin must act (the message says what).
+    Fatal(String),
+}
+
+enum RenewError {
+    /// Try again later; the current files stay.
+    Retry(String),
+    /// No credential can work: exit non-zero.
+    Fatal(String),
+}
+
+/// What a renewal published.
+struct Renewed {
+    identity: String,
+    credential: &'static str,
+    verified: verify::Verified,
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.wait_for(|s| *s) => true,
+    }
+}
+
+/// Runs until shutdown, `--once` completion, or a fatal credential problem.
+pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Exit {
+    let current = CertDir::new("current", &cfg.certs_dir);
+    let mut status = Status::load(&cfg.status_file);
+    let mut backoff = Backoff::new(cfg.min_backoff, cfg.max_backoff);
+    loop {
+        let now = OffsetDateTime::now_utc();
+        if let Found::Credential(c) = current.read()
+            && c.is_valid_at(now)
+        {
+            let delay = cfg.schedule.delay(c.not_before, c.not_after, now);
+            if !delay.is_zero() {
+                tracing::info!(
+                    "certificate for {} valid until {}; renewing in {}",
+                    c.identity,
+                    rfc3339(c.not_after),
+                    human(delay)
+                );
+                status.identity = Some(c.identity.to_string());
+                status.serial = Some(c.serial.clone());
+                status.not_after = Some(rfc3339(c.not_after));
+                status.next_renewal = Some(rfc3339(now + delay));
+                status.save(&cfg.status_file);
+                if cfg.once {
+                    return Exit::Done;
+                }
+                if sleep_or_shutdown(delay, &mut shutdown).await {
+                    return Exit::Shutdown;
+                }
+                continue;
+            }
+        }
+        match renew(&cfg).await {
+            Ok(r) => {
+                backoff.reset();
+                tracing::info!(
+                    identity = %r.identity,
+                    serial = %r.verified.serial,
+                    credential = r.credential,
+                    "published a new certificate in {}",
+                    cfg.certs_dir.display()
+                );
+                status.last_success = Some(rfc3339(OffsetDateTime::now_utc()));
+                status.last_credential = Some(r.credential.into());
+                status.last_error = None;
+                status.last_error_at = None;
+            }
+            Err(RenewError::Fatal(msg)) => {
+                tracing::error!("{msg}");
+                status.last_error = Some(msg.clone());
+                status.last_error_at = Some(rfc3339(OffsetDateTime::now_utc()));
+                status.next_renewal = None;
+                status.save(&cfg.status_file);
+                return Exit::Fatal(msg);
+            }
+            Err(RenewError::Retry(msg)) => {
+                let wait = backoff.next_delay();
+                let still = match current.read() {
+                    Found::Credential(c) if c.is_valid_at(OffsetDateTime::now_utc()) => {
+                        format!(
+                            "the current certificate stays valid until {}",
+                            rfc3339(c.not_after)
+                        )
+                    }
+                    _ => "no valid certificate is published".to_string(),
+                };
+                tracing::warn!(
+                    "renewal failed: {msg}; {still}; retrying in {}",
+                    human(wait).max("1s".into())
+                );
+                status.last_error = Some(msg.clone());
+                status.last_error_at = Some(rfc3339(OffsetDateTime::now_utc()));
+                status.next_renewal = Some(rfc3339(OffsetDateTime::now_utc() + wait));
+                status.save(&cfg.status_file);
+                if cfg.once {
+                    return Exit::Fatal(msg);
+                }
+                if sleep_or_shutdown(wait, &mut shutdown).await {
+                    return Exit::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+/// One renewal with the best valid credential, falling back to the next one when the
+/// CA refuses it.
+async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
+    let now = OffsetDateTime::now_utc();
+    let mut candidates: Vec<Credential> = Vec::new();
+    let mut notes = Vec::new();
+    let mut trusted: Vec<CertificateDer<'static>> = Vec::new();
+    for (name, dir) in [
+        ("current", &cfg.certs_dir),
+        ("bootstrap", &cfg.bootstrap_dir),
+    ] {
+        match crate::credential::read_dir(name, dir) {
+            Found::Credential(c) => {
+                for r in
+                    ca_core::pem::parse_certificates(c.roots_pem.as_bytes()).unwrap_or_default()
+                {
+                    if !trusted.contains(&r) {
+                        trusted.push(r);
+                    }
+                }
+                if c.is_valid_at(now) {
+                    candidates.push(*c);
+                } else {
+                    notes.push(format!(
+                        "the {name} certificate {} for {} expired at {}",
+                        c.serial,
+                        c.identity,
+                        rfc3339(c.not_after)
+                    ));
+                }
+            }
+            Found::Absent => notes.push(format!(
+                "there is no {name} credential in {}",
+                dir.display()
+            )),
+            Found::Unusable(e) => notes.push(format!("the {name} credential is unusable: {e}")),
+        }
+    }
+    // An admin who dropped a bundle for another identity wants that identity now.
+    if let [cur, boot] = candidates.as_slice()
+        && cur.identity != boot.identity
+    {
+        candidates.swap(0, 1);
+    }
+    let remedy = format!(
+        "an admin must export a new bootstrap bundle (ca-server export-bundle --namespace NS --service-account SA --out DIR), copy it to {} and restart node-identity",
+        cfg.bootstrap_dir.display()
+    );
+    if candidates.is_empty() {
+        return Err(RenewError::Fatal(format!(
+            "no valid credential: {}; {remedy}",
+            notes.join("; ")
+        )));
+    }
+    let mut refused = Vec::new();
+    for cred in &candidates {
+        match ca_client::request_certificate(&cfg.ca, cred, cfg.key_type, cfg.ttl).await {
+            Ok(answer) => {
+                let verified = verify::verify_answer(
+                    &answer.chain,
+                    &trusted,
+                    &cred.identity,
+                    &answer.spki_der(),
+                    cfg.ttl,
+                    OffsetDateTime::now_utc(),
+                )
+                .map_err(|e| {
+                    RenewError::Retry(format!(
+                        "rejected the CA's answer ({e}); the current files are kept"
+                    ))
+                })?;
+                let key_pem = answer.key.serialize_pem();
+                publish::publish(
+                    &cfg.certs_dir,
+                    &Bundle {
+                        key_pem: &key_pem,
+                        chain_pem: &verified.chain_pem,
+                        roots_pem: &verified.roots_pem,
+                    },
+                )
+                .map_err(|e| {
+                    RenewError::Retry(format!(
+                        "could not write {}: {e}; the previous files are untouched",
+                        cfg.certs_dir.display()
+                    ))
+                })?;
+                return Ok(Renewed {
+                    identity: cred.identity.to_string(),
+                    credential: cred.source,
+                    verified,
+                });
+            }
+            Err(CallError::Refused {
+                source_name,
+                message,
+            }) => {
+                tracing::warn!(
+                    "the CA refused the {source_name} credential ({}): {message}",
+                    cred.serial
+                );
+                refused.push(format!(
+                    "the {source_name} certificate {} was refused: {message}",
+                    cred.serial
+                ));
+            }
+            Err(CallError::Transient(m) | CallError::Local(m)) => return Err(RenewError::Retry(m)),
+        }
+    }
+    refused.extend(notes);
+    Err(RenewError::Fatal(format!(
+        "every credential was refused: {}; {remedy}",
+        refused.join("; ")
+    )))
+}

@@ -1,0 +1,317 @@
+//! Command line of `node-identity`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ca_core::keys::KeyAlgorithm;
+use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
+
+use crate::agent::{self, AgentConfig, Exit};
+use crate::ca_client::CaEndpoint;
+use crate::credential::{Found, read_dir};
+use crate::schedule::RenewalSchedule;
+use crate::status::{Status, rfc3339};
+
+const EXIT_USAGE: u8 = 64;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 20s, 30m, 1h)"))
+}
+
+fn key_type(s: &str) -> Result<KeyAlgorithm, String> {
+    match s {
+        "p256" | "rsa2048" => KeyAlgorithm::parse(s),
+        other => Err(format!(
+            "unsupported key type {other:?} (use p256 or rsa2048)"
+        )),
+    }
+}
+
+/// Keeps this machine's SPIFFE certificate fresh in --certs-dir for the sidecar.
+///
+/// Proves the machine's identity to the CA with the best valid credential (the current
+/// certificate, else the admin-exported bootstrap bundle), obtains a certificate for a
+/// fresh key over mutual TLS, checks it, publishes key.pem, cert-chain.pem and
+/// root-cert.pem atomically, and renews at --renew-at of its lifetime. Failures are
+/// retried with backoff; a valid certificate is never removed.
+#[derive(Debug, Parser)]
+#[command(name = "node-identity", version)]
+pub struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Where the sidecar reads key.pem, cert-chain.pem and root-cert.pem.
+    #[arg(
+        long,
+        global = true,
+        env = "NODE_IDENTITY_CERTS_DIR",
+        default_value = "/etc/certs"
+    )]
+    certs_dir: PathBuf,
+    /// The status file written by the agent and read by `status`.
+    #[arg(
+        long,
+        global = true,
+        env = "NODE_IDENTITY_STATUS_FILE",
+        default_value = "/var/lib/node-identity/status.json"
+    )]
+    status_file: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run(RunArgs),
+    /// Print identity, expiry, next renewal and last error; exit 0 only when the
+    /// published certificate is valid.
+    Status,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The CA's gRPC address, HOST:PORT (e.g. the internal load balancer's IP:8060).
+    #[arg(long, env = "NODE_IDENTITY_CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// TLS name the CA's certificate must carry (VMs often dial an IP).
+    #[arg(long, env = "NODE_IDENTITY_CA_SERVER_NAME", default_value = "istio-ca")]
+    ca_server_name: String,
+    /// The admin-exported bundle (key.pem, cert-chain.pem, root-cert.pem), kept apart
+    /// from the rotating files.
+    #[arg(
+        long,
+        env = "NODE_IDENTITY_BOOTSTRAP_DIR",
+        default_value = "/etc/node-identity/bootstrap"
+    )]
+    bootstrap_dir: PathBuf,
+    /// Requested certificate lifetime.
+    #[arg(long, env = "NODE_IDENTITY_TTL", default_value = "1h", value_parser = duration)]
+    ttl: Duration,
+    /// Renew at this fraction of the lifetime (±10% jitter).
+    #[arg(long, env = "NODE_IDENTITY_RENEW_AT", default_value_t = 0.5)]
+    renew_at: f64,
+    /// Key type of new keys: p256 or rsa2048.
+    #[arg(long, env = "NODE_IDENTITY_KEY_TYPE", default_value = "p256", value_parser = key_type)]
+    key_type: KeyAlgorithm,
+    /// How this machine proves its identity: onprem (client certificates).
+    #[arg(long, env = "NODE_IDENTITY_PLATFORM", default_value = "onprem")]
+    platform: String,
+    /// First retry delay after a failure.
+    #[arg(long, env = "NODE_IDENTITY_MIN_BACKOFF", default_value = "1s", value_parser = duration)]
+    min_backoff: Duration,
+    /// Largest retry delay.
+    #[arg(long, env = "NODE_IDENTITY_MAX_BACKOFF", default_value = "5m", value_parser = duration)]
+    max_backoff: Duration,
+    /// Deadline for connecting to the CA and for one request.
+    #[arg(long, env = "NODE_IDENTITY_TIMEOUT", default_value = "10s", value_parser = duration)]
+    timeout: Duration,
+    /// Make sure a valid certificate is published (renewing if due), then exit.
+    #[arg(long)]
+    once: bool,
+    /// Log format: text or json.
+    #[arg(long, env = "NODE_IDENTITY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("node-identity: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Entry point.
+pub fn main() -> ExitCode {
+    let mut argv: Vec<String> = std::env::args().collect();
+    // `node-identity --ca-address X` means `node-identity run --ca-address X`.
+    if !argv.iter().skip(1).any(|a| {
+        matches!(
+            a.as_str(),
+            "run" | "status" | "help" | "-h" | "--help" | "-V" | "--version"
+        )
+    }) {
+        argv.insert(1, "run".into());
+    }
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            return usage_error(format!("{first} (see --help)"));
+        }
+    };
+    match cli.command {
+        Some(Command::Status) => status(&cli.common),
+        Some(Command::Run(args)) => run(&cli.common, args),
+        None => usage_error("no command"),
+    }
+}
+
+fn agent_config(common: &Common, a: &RunArgs) -> Result<AgentConfig, String> {
+    let address = a
+        .ca_address
+        .clone()
+        .ok_or("--ca-address (or NODE_IDENTITY_CA_ADDRESS) is required")?;
+    if address
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err(format!("--ca-address {address:?} must be HOST:PORT"));
+    }
+    if a.platform != "onprem" {
+        return Err(format!(
+            "--platform {:?} is not supported by this version (use onprem)",
+            a.platform
+        ));
+    }
+    if !(a.renew_at > 0.05 && a.renew_at < 0.95) {
+        return Err(format!(
+            "--renew-at {} must be between 0.05 and 0.95",
+            a.renew_at
+        ));
+    }
+    if a.ttl < Duration::from_secs(10) {
+        return Err("--ttl must be at least 10s".into());
+    }
+    if a.min_backoff.is_zero() || a.min_backoff > a.max_backoff {
+        return Err("--min-backoff must be positive and at most --max-backoff".into());
+    }
+    if common.certs_dir == a.bootstrap_dir {
+        return Err("--bootstrap-dir must differ from --certs-dir: the bootstrap bundle is never overwritten".into());
+    }
+    Ok(AgentConfig {
+        ca: CaEndpoint {
+            address,
+            server_name: a.ca_server_name.clone(),
+            timeout: a.timeout,
+        },
+        certs_dir: common.certs_dir.clone(),
+        bootstrap_dir: a.bootstrap_dir.clone(),
+        ttl: a.ttl,
+        schedule: RenewalSchedule {
+            renew_at: a.renew_at,
+        },
+        key_type: a.key_type,
+        min_backoff: a.min_backoff,
+        max_backoff: a.max_backoff,
+        status_file: common.status_file.clone(),
+        once: a.once,
+    })
+}
+
+fn run(common: &Common, args: RunArgs) -> ExitCode {
+    let cfg = match agent_config(common, &args) {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if args.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // One thread is plenty for one renewal every half hour, and keeps the footprint small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("node-identity: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = tx.send(true);
+        });
+        match agent::run(cfg, rx).await {
+            Exit::Shutdown | Exit::Done => ExitCode::SUCCESS,
+            Exit::Fatal(msg) => {
+                eprintln!("node-identity: {msg}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn status(common: &Common) -> ExitCode {
+    let st = Status::load(&common.status_file);
+    let now = OffsetDateTime::now_utc();
+    let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let valid = match read_dir("current", &common.certs_dir) {
+        Found::Credential(c) => {
+            let ok = c.is_valid_at(now) && c.not_before <= now + time::Duration::minutes(5);
+            println!("identity:      {}", c.identity);
+            println!("serial:        {}", c.serial);
+            println!(
+                "valid until:   {}{}",
+                rfc3339(c.not_after),
+                if ok { "" } else { " (EXPIRED)" }
+            );
+            ok
+        }
+        Found::Absent => {
+            println!(
+                "identity:      - (no certificate in {})",
+                common.certs_dir.display()
+            );
+            false
+        }
+        Found::Unusable(e) => {
+            println!("identity:      - (unusable: {e})");
+            false
+        }
+    };
+    println!("next renewal:  {}", show(&st.next_renewal));
+    println!(
+        "last renewal:  {} (credential: {})",
+        show(&st.last_success),
+        show(&st.last_credential)
+    );
+    match (&st.last_error, &st.last_error_at) {
+        (Some(e), Some(t)) => println!("last error:    {t}: {e}"),
+        (Some(e), None) => println!("last error:    {e}"),
+        _ => println!("last error:    -"),
+    }
+    if valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
