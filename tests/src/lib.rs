@@ -2,6 +2,8 @@
 //! 127.0.0.1 with port 0, talk to it over real TLS, make CSRs and identities.
 #![forbid(unsafe_code)]
 
+pub mod fake_ca;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -23,7 +25,15 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "ca-server", "--bin", "ca-server"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "ca-server",
+                "-p",
+                "node-identity",
+                "--bins",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .map_err(|e| e.to_string())?;
@@ -59,6 +69,7 @@ pub struct CaProcess {
     extra_args: Vec<String>,
     log: PathBuf,
     bin: PathBuf,
+    listen: String,
 }
 
 impl CaProcess {
@@ -69,8 +80,23 @@ impl CaProcess {
 
     /// Like [`CaProcess::start`] with a given `ca-server` binary (e.g. a release build).
     pub fn start_bin(bin: PathBuf, state_dir: &Path, extra_args: &[&str]) -> CaProcess {
+        Self::start_full(bin, state_dir, "127.0.0.1:0", extra_args)
+    }
+
+    /// Starts a CA whose gRPC port is fixed (so it can come back on the same address).
+    pub fn start_at(state_dir: &Path, grpc: SocketAddr, extra_args: &[&str]) -> CaProcess {
+        Self::start_full(
+            workspace_bin("ca-server"),
+            state_dir,
+            &grpc.to_string(),
+            extra_args,
+        )
+    }
+
+    fn start_full(bin: PathBuf, state_dir: &Path, listen: &str, extra_args: &[&str]) -> CaProcess {
         let mut p = CaProcess {
             bin,
+            listen: listen.to_owned(),
             child: None,
             state_dir: state_dir.to_owned(),
             grpc: "127.0.0.1:0".parse().unwrap(),
@@ -96,7 +122,7 @@ impl CaProcess {
             .args([
                 "serve",
                 "--grpc-addr",
-                "127.0.0.1:0",
+                &self.listen,
                 "--http-addr",
                 "127.0.0.1:0",
             ])
@@ -375,4 +401,104 @@ pub async fn serving_chain(
         .await
         .expect("TLS handshake with the CA");
     tls.get_ref().1.peer_certificates().unwrap().to_vec()
+}
+
+/// A free loopback port (bound then released; fine for tests on one machine).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A running `node-identity`, killed when dropped.
+pub struct AgentProcess {
+    child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `node-identity run ARGS...` logging to `log`.
+    pub fn start(args: &[&str], log: &Path) -> AgentProcess {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(workspace_bin("node-identity"))
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn node-identity");
+        AgentProcess {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or None if it runs on.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `node-identity ARGS...` to completion.
+pub fn run_agent(args: &[&str]) -> Output {
+    Command::new(workspace_bin("node-identity"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node-identity")
+}
+
+/// The generation directory `certs/..data` points at.
+pub fn generation(certs: &Path) -> Option<PathBuf> {
+    std::fs::read_link(certs.join("..data")).ok()
+}
+
+/// Reads `key.pem` and `cert-chain.pem` through the public paths and tells whether the
+/// key matches the leaf. `None` when the files are absent or unparsable.
+pub fn pair_matches(certs: &Path) -> Option<bool> {
+    let key = std::fs::read_to_string(certs.join("key.pem")).ok()?;
+    let chain = std::fs::read_to_string(certs.join("cert-chain.pem")).ok()?;
+    let key = rcgen::KeyPair::from_pem(&key).ok()?;
+    let leaf = ca_core::pem::parse_certificates(chain.as_bytes()).ok()?;
+    let facts = ca_core::x509::inspect(&leaf[0]).ok()?;
+    Some(rcgen::PublicKeyData::subject_public_key_info(&key) == facts.spki_der)
+}
+
+/// Facts about the published leaf.
+pub fn published_leaf(certs: &Path) -> ca_core::x509::CertFacts {
+    let chain = std::fs::read_to_string(certs.join("cert-chain.pem")).unwrap();
+    let leaf = ca_core::pem::parse_certificates(chain.as_bytes()).unwrap();
+    ca_core::x509::inspect(&leaf[0]).unwrap()
 }
