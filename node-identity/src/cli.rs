@@ -68,7 +68,7 @@ struct Common {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print identity, expiry, next renewal and last error; exit 0 only when the
     /// published certificate is valid.
     Status,
@@ -161,7 +161,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Status) => status(&cli.common),
-        Some(Command::Run(args)) => run(&cli.common, args),
+        Some(Command::Run(args)) => run(&cli.common, *args),
         None => usage_error("no command"),
     }
 }
