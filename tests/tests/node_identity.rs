@@ -101,8 +101,11 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 /// a failure; a read that straddled a generation switch is re-read.
 struct PairWatcher {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(usize, usize, Vec<(Instant, PathBuf)>)>,
+    handle: std::thread::JoinHandle<Watched>,
 }
+
+/// Matched-pair checks, reads that straddled a switch, and each generation first seen.
+type Watched = (usize, usize, Vec<(Instant, PathBuf)>);
 
 impl PairWatcher {
     fn start(certs: &Path) -> PairWatcher {
@@ -137,7 +140,7 @@ impl PairWatcher {
         PairWatcher { stop, handle }
     }
 
-    fn finish(self) -> (usize, usize, Vec<(Instant, PathBuf)>) {
+    fn finish(self) -> Watched {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("pair watcher")
     }
