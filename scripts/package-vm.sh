@@ -12,7 +12,7 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
 fi
 
-cargo deb -p node-identity
+cargo deb -p node-identity --profile agent
 deb=$(ls -t target/debian/node-identity_*.deb | head -n 1)
 echo "package: $deb"
 dpkg-deb --info "$deb" | sed -n '1,30p'
