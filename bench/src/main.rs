@@ -40,6 +40,8 @@ struct Args {
 
 struct Level {
     concurrency: usize,
+    /// CPU seconds the server process used per second of wall time.
+    server_cores: f64,
     requests: usize,
     errors: usize,
     per_sec: f64,
@@ -112,7 +114,19 @@ fn crypto_ceiling_per_core(csr_pem: &str, window: Duration) -> (f64, f64) {
     (raw, m as f64 / started.elapsed().as_secs_f64())
 }
 
+/// User + system CPU time of a process, in seconds (Linux `/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 async fn run_level(
+    server_pid: u32,
     channels: &[tonic::transport::Channel],
     csrs: Arc<Vec<String>>,
     concurrency: usize,
@@ -121,6 +135,7 @@ async fn run_level(
     rate: Option<f64>,
 ) -> Level {
     let started = Instant::now();
+    let cpu_before = cpu_seconds(server_pid);
     let deadline = started + window;
     let budget = Arc::new(std::sync::atomic::AtomicUsize::new(max_requests));
     let mut tasks = Vec::new();
@@ -176,6 +191,7 @@ async fn run_level(
     all.sort_unstable();
     Level {
         concurrency,
+        server_cores: (cpu_seconds(server_pid) - cpu_before) / elapsed,
         requests: all.len(),
         errors,
         per_sec: all.len() as f64 / elapsed,
@@ -211,20 +227,21 @@ async fn main() {
     let csrs: Vec<String> = (0..args.csrs.max(1))
         .map(|_| e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1)
         .collect();
-    let (raw_per_core, product_per_core) =
-        crypto_ceiling_per_core(&csrs[0], Duration::from_secs(2));
-    let ceiling = raw_per_core * cores as f64;
+    let (raw_before, product_per_core) = crypto_ceiling_per_core(&csrs[0], Duration::from_secs(3));
 
     let tmp = tempfile::tempdir().unwrap();
     let ca = CaProcess::start_bin(bin, &tmp.path().join("state"), &["--max-ttl", "24h"]);
+    let pid = ca.pid().expect("server running");
     let (chain, key) = ca.export_bundle("bench", "load", "24h", &tmp.path().join("bundle"));
     let mut channels = Vec::new();
     for _ in 0..4 {
         channels.push(ca.channel(Some((&chain, &key))).await);
     }
     let csrs = Arc::new(csrs);
+    let window = Duration::from_secs(args.seconds);
     // Warm-up: connections, caches, allocator.
     run_level(
+        pid,
         &channels,
         csrs.clone(),
         8,
@@ -233,55 +250,68 @@ async fn main() {
         None,
     )
     .await;
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        levels.push(
+            run_level(
+                pid,
+                &channels,
+                csrs.clone(),
+                c,
+                window,
+                args.max_requests,
+                None,
+            )
+            .await,
+        );
+    }
+    let best = levels
+        .iter()
+        .max_by(|a, b| a.per_sec.total_cmp(&b.per_sec))
+        .expect("at least one level");
+    let half = best.per_sec / 2.0;
+    let at_half = run_level(
+        pid,
+        &channels,
+        csrs.clone(),
+        best.concurrency,
+        window,
+        args.max_requests,
+        Some(half),
+    )
+    .await;
+    // The ceiling again after the load; the higher figure is kept, so machine noise
+    // can only make the ratio look worse, never better.
+    let (raw_after, _) = crypto_ceiling_per_core(&csrs[0], Duration::from_secs(3));
+    let raw_per_core = raw_before.max(raw_after);
+    let ceiling = raw_per_core * cores as f64;
 
     println!("cores: {cores}");
     println!(
-        "crypto ceiling (ring P-256 verify + sign, per core): {raw_per_core:.0}/s; x{cores} cores = {ceiling:.0}/s"
+        "crypto ceiling (ring P-256 verify + sign, per core, best of before/after): {raw_per_core:.0}/s; x{cores} cores = {ceiling:.0}/s"
     );
     println!(
         "in-process issuance (parse, verify, template, sign, re-check), per core: {product_per_core:.0}/s"
     );
     println!();
     println!(
-        "| concurrency | requests | errors | certs/s | p50 ms | p99 ms | % of crypto ceiling |"
+        "| concurrency | requests | errors | certs/s | p50 ms | p99 ms | % of crypto ceiling | server cores busy | certs/s per server core |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut best: Option<Level> = None;
-    for &c in &args.concurrency {
-        let l = run_level(
-            &channels,
-            csrs.clone(),
-            c,
-            Duration::from_secs(args.seconds),
-            args.max_requests,
-            None,
-        )
-        .await;
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for l in &levels {
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {:.0}% |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0}% | {:.2} | {:.0} |",
             l.concurrency,
             l.requests,
             l.errors,
             l.per_sec,
             ms(l.p50),
             ms(l.p99),
-            100.0 * l.per_sec / ceiling
+            100.0 * l.per_sec / ceiling,
+            l.server_cores,
+            l.per_sec / l.server_cores.max(0.01)
         );
-        if best.as_ref().is_none_or(|b| l.per_sec > b.per_sec) {
-            best = Some(l);
-        }
     }
-    let best = best.expect("at least one level");
-    let half = best.per_sec / 2.0;
-    let l = run_level(
-        &channels,
-        csrs.clone(),
-        best.concurrency,
-        Duration::from_secs(args.seconds),
-        args.max_requests,
-        Some(half),
-    )
-    .await;
     println!();
     println!(
         "best: {:.0} certs/s at concurrency {} = {:.0}% of the crypto ceiling",
@@ -290,12 +320,13 @@ async fn main() {
         100.0 * best.per_sec / ceiling
     );
     println!(
-        "at half that load ({:.0}/s offered, open loop): {:.0} certs/s, p50 {} ms, p99 {} ms, errors {}",
+        "at half that load ({:.0}/s offered, open loop, concurrency {}): {:.0} certs/s, p50 {} ms, p99 {} ms, errors {}",
         half,
-        l.per_sec,
-        ms(l.p50),
-        ms(l.p99),
-        l.errors
+        best.concurrency,
+        at_half.per_sec,
+        ms(at_half.p50),
+        ms(at_half.p99),
+        at_half.errors
     );
     let metrics = std::process::Command::new("curl")
         .arg("-s")
