@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "CA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Accept GCE instance identity tokens, as configured in this TOML file (allowed
+    /// projects, mapping rules, optional Compute API cross-check; see
+    /// deploy/gce-auth.example.toml).
+    #[arg(long, env = "CA_GCE_CONFIG")]
+    pub gce_config: Option<PathBuf>,
 }
 
 /// `export-bundle` flags.
@@ -345,6 +350,12 @@ pub fn serve_config(
         request_timeout: a.request_timeout,
         audit_retention: a.audit_retention,
         admin_socket: admin_socket.to_owned(),
+        gce: a
+            .gce_config
+            .as_deref()
+            .map(|p| crate::authn::gce::GceConfig::load(p, &a.trust_domain))
+            .transpose()
+            .map_err(|e| format!("--gce-config {e}"))?,
     })
 }
 

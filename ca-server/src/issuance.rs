@@ -104,20 +104,30 @@ impl Issuance {
                 authenticator,
                 reason,
                 detail,
+                code,
+                principal,
             }) => {
                 let d = Decision {
                     authenticator: Some(authenticator.into()),
+                    caller: principal,
                     ..base
                 };
-                let msg = format!("authentication failed ({reason})");
-                return Err(self
-                    .deny(d, Code::Unauthenticated, reason, detail, msg, started)
-                    .await);
+                let msg = match code {
+                    Code::PermissionDenied => format!("not allowed ({reason})"),
+                    Code::Unavailable => format!("cannot authenticate right now ({reason})"),
+                    _ => format!("authentication failed ({reason})"),
+                };
+                return Err(self.deny(d, code, reason, detail, msg, started).await);
             }
         };
         let base = Decision {
             authenticator: Some(caller.authenticator.into()),
-            caller: Some(caller.identity.to_string()),
+            caller: Some(
+                caller
+                    .principal
+                    .clone()
+                    .unwrap_or_else(|| caller.identity.to_string()),
+            ),
             ..base
         };
         if let Some(r) = refusal {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;
+pub mod httpclient;
 pub mod issuance;
 pub mod server;
 pub mod state;

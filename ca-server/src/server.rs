@@ -47,6 +47,8 @@ pub struct ServeConfig {
     pub audit_retention: Duration,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// GCE instance-identity-token authentication, when configured.
+    pub gce: Option<crate::authn::gce::GceConfig>,
 }
 
 /// Why the server could not run.
@@ -165,12 +167,19 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     let client_cert =
         ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, store.revoked_set())
             .map_err(ServeError::Io)?;
+    let mut authn = AuthChain::default().with(Arc::new(client_cert));
+    if let Some(gce) = &cfg.gce {
+        let a = crate::authn::gce::GceAuthenticator::new(gce.clone(), &cfg.trust_domain)
+            .await
+            .map_err(ServeError::Io)?;
+        authn = authn.with(Arc::new(a));
+    }
     let issuance = Arc::new(Issuance {
         ca: ca.clone(),
         policy: cfg.policy,
         export_policy: cfg.export_policy,
         trust_domain: cfg.trust_domain.clone(),
-        authn: AuthChain::default().with(Arc::new(client_cert)),
+        authn,
         audit: audit.clone(),
     });
 

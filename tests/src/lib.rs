@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_ca;
+pub mod google;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -171,6 +171,7 @@ impl AdminService {
         let caller = Caller {
             identity,
             authenticator: "admin-socket",
+            principal: None,
         };
         let policy = self.issuance.export_policy;
         match self

@@ -40,11 +40,7 @@ pub struct ClientCertAuthenticator {
 }
 
 fn fail(reason: &'static str, detail: impl Into<String>) -> AuthFailure {
-    AuthFailure {
-        authenticator: NAME,
-        reason,
-        detail: detail.into(),
-    }
+    AuthFailure::unauthenticated(NAME, reason, detail)
 }
 
 impl ClientCertAuthenticator {
@@ -174,6 +170,7 @@ impl ClientCertAuthenticator {
             caller: Caller {
                 identity,
                 authenticator: NAME,
+                principal: None,
             },
             serial: facts.serial,
             not_after: facts.not_after,

@@ -2,6 +2,7 @@
 //! kind of credential. Kubernetes and GCE token authenticators plug into the same chain.
 
 mod client_cert;
+pub mod gce;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ pub struct CallerContext {
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// The bearer token from `authorization: Bearer ...`, if any.
     pub bearer_token: Option<String>,
+    /// A GCE identity token sent in the legacy API's `node_agent_credential` with
+    /// `credential_type = "gcp"`.
+    pub legacy_gcp_token: Option<String>,
 }
 
 /// An authenticated caller.
@@ -30,8 +34,11 @@ pub struct CallerContext {
 pub struct Caller {
     /// The identity the caller proved.
     pub identity: SpiffeId,
-    /// Which authenticator proved it (`client-cert`, `kubernetes-token`, ...).
+    /// Which authenticator proved it (`client-cert`, `gce-token`, ...).
     pub authenticator: &'static str,
+    /// What was authenticated, when it is more than the identity (e.g. the GCE
+    /// instance); recorded in the audit log.
+    pub principal: Option<String>,
 }
 
 /// A credential was presented and is not acceptable.
@@ -43,6 +50,29 @@ pub struct AuthFailure {
     pub reason: &'static str,
     /// Operator-facing detail; safe to log, not sent to the caller.
     pub detail: String,
+    /// The gRPC code for the caller: `UNAUTHENTICATED` for a bad credential,
+    /// `PERMISSION_DENIED` for a good credential that may not have a certificate,
+    /// `UNAVAILABLE` when a dependency (e.g. the Compute API) could not be asked.
+    pub code: tonic::Code,
+    /// Who presented the credential, when known (audited as the caller).
+    pub principal: Option<String>,
+}
+
+impl AuthFailure {
+    /// A credential that does not prove anything.
+    pub fn unauthenticated(
+        authenticator: &'static str,
+        reason: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        AuthFailure {
+            authenticator,
+            reason,
+            detail: detail.into(),
+            code: tonic::Code::Unauthenticated,
+            principal: None,
+        }
+    }
 }
 
 /// Result of one authenticator: `Ok(None)` when its kind of credential is absent.
@@ -85,14 +115,16 @@ impl AuthChain {
                 }
             }
         }
-        Err(first_failure.unwrap_or(AuthFailure {
-            authenticator: "none",
-            reason: "no_credential",
-            detail: if ctx.bearer_token.is_some() {
-                "a bearer token was presented but no token authenticator is configured".into()
-            } else {
-                "no client certificate or bearer token".into()
-            },
+        Err(first_failure.unwrap_or_else(|| {
+            AuthFailure::unauthenticated(
+                "none",
+                "no_credential",
+                if ctx.bearer_token.is_some() || ctx.legacy_gcp_token.is_some() {
+                    "a token was presented but no token authenticator is configured"
+                } else {
+                    "no client certificate or bearer token"
+                },
+            )
         }))
     }
 }

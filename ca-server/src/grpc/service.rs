@@ -39,6 +39,7 @@ fn context<T>(req: &Request<T>) -> CallerContext {
         peer_addr: req.remote_addr(),
         peer_certs: req.peer_certs(),
         bearer_token,
+        legacy_gcp_token: None,
     }
 }
 
@@ -87,10 +88,18 @@ impl IstioCaService for CaService {
         &self,
         request: Request<CsrRequest>,
     ) -> Result<Response<CsrResponse>, Status> {
-        let ctx = context(&request);
+        let mut ctx = context(&request);
         let req = request.into_inner();
-        // Like the original server, authenticate from the TLS peer or bearer metadata;
-        // `node_agent_credential` and `credential_type` are informational.
+        // Authenticate from the TLS peer or bearer metadata, like the original server;
+        // an `onprem` `node_agent_credential` is informational. A `gcp` one is a GCE
+        // identity token and is verified like a bearer token.
+        if req.credential_type == "gcp" {
+            ctx.legacy_gcp_token = Some(
+                String::from_utf8_lossy(&req.node_agent_credential)
+                    .trim()
+                    .to_owned(),
+            );
+        }
         let ttl_secs = i64::from(req.requested_ttl_minutes.max(0)) * 60;
         let granted = self
             .issuance
