@@ -38,6 +38,11 @@ pub struct AgentConfig {
     pub status_file: PathBuf,
     /// Make sure a valid, not-yet-due certificate is published, then exit.
     pub once: bool,
+    /// Prove the instance with a GCE identity token when no certificate can be used.
+    pub gce: Option<crate::gce::GceSettings>,
+    /// The identity the machine must receive; unset: the current certificate's, or
+    /// whatever the CA maps a token to.
+    pub expected_identity: Option<ca_core::SpiffeId>,
 }
 
 /// How the loop ended.
@@ -90,11 +95,11 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Exit 
             if !delay.is_zero() {
                 tracing::info!(
                     "certificate for {} valid until {}; renewing in {}",
-                    c.identity,
+                    c.who(),
                     rfc3339(c.not_after),
                     human(delay)
                 );
-                status.identity = Some(c.identity.to_string());
+                status.identity = Some(c.who());
                 status.serial = Some(c.serial.clone());
                 status.not_after = Some(rfc3339(c.not_after));
                 status.next_renewal = Some(rfc3339(now + delay));
@@ -162,17 +167,28 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Exit 
 }
 
 /// One renewal with the best valid credential, falling back to the next one when the
-/// CA refuses it.
+/// CA refuses it. Order: the current certificate (mutual TLS), then a GCE token (when
+/// on GCE), then the bootstrap bundle.
 async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
     let now = OffsetDateTime::now_utc();
+    let mut found: Vec<(&'static str, Found)> = vec![(
+        "current",
+        crate::credential::read_dir("current", &cfg.certs_dir),
+    )];
+    if let Some(gce) = &cfg.gce {
+        found.push(("GCE token", gce.credential().await));
+    }
+    found.push((
+        "bootstrap",
+        crate::credential::read_dir("bootstrap", &cfg.bootstrap_dir),
+    ));
+
     let mut candidates: Vec<Credential> = Vec::new();
     let mut notes = Vec::new();
+    let mut transient = Vec::new();
     let mut trusted: Vec<CertificateDer<'static>> = Vec::new();
-    for (name, dir) in [
-        ("current", &cfg.certs_dir),
-        ("bootstrap", &cfg.bootstrap_dir),
-    ] {
-        match crate::credential::read_dir(name, dir) {
+    for (name, f) in found {
+        match f {
             Found::Credential(c) => {
                 for r in
                     ca_core::pem::parse_certificates(c.roots_pem.as_bytes()).unwrap_or_default()
@@ -187,42 +203,55 @@ async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
                     notes.push(format!(
                         "the {name} certificate {} for {} expired at {}",
                         c.serial,
-                        c.identity,
+                        c.who(),
                         rfc3339(c.not_after)
                     ));
                 }
             }
-            Found::Absent => notes.push(format!(
-                "there is no {name} credential in {}",
-                dir.display()
-            )),
+            Found::Absent if name == "bootstrap" && cfg.gce.is_some() => {}
+            Found::Absent => notes.push(format!("there is no {name} credential")),
             Found::Unusable(e) => notes.push(format!("the {name} credential is unusable: {e}")),
+            Found::Unavailable(e) => transient.push(e),
         }
     }
     // An admin who dropped a bundle for another identity wants that identity now.
-    if let [cur, boot] = candidates.as_slice()
+    if let (Some(cur), Some(boot)) = (candidates.first(), candidates.last())
+        && cur.source == "current"
+        && boot.source == "bootstrap"
         && cur.identity != boot.identity
     {
-        candidates.swap(0, 1);
+        let boot = candidates.pop().expect("checked");
+        candidates.insert(0, boot);
     }
-    let remedy = format!(
-        "an admin must export a new bootstrap bundle (ca-server export-bundle --namespace NS --service-account SA --out DIR), copy it to {} and restart node-identity",
-        cfg.bootstrap_dir.display()
-    );
+    let remedy = if cfg.gce.is_some() {
+        "check the CA's GCE configuration (allowed projects, mapping rules) and the CA's audit log (ca-server audit list --outcome denied)".to_string()
+    } else {
+        format!(
+            "an admin must export a new bootstrap bundle (ca-server export-bundle --namespace NS --service-account SA --out DIR), copy it to {} and restart node-identity",
+            cfg.bootstrap_dir.display()
+        )
+    };
     if candidates.is_empty() {
-        return Err(RenewError::Fatal(format!(
-            "no valid credential: {}; {remedy}",
-            notes.join("; ")
-        )));
+        let mut why = notes.clone();
+        why.extend(transient.iter().cloned());
+        return Err(if transient.is_empty() {
+            RenewError::Fatal(format!("no valid credential: {}; {remedy}", why.join("; ")))
+        } else {
+            RenewError::Retry(format!(
+                "no usable credential right now: {}",
+                why.join("; ")
+            ))
+        });
     }
     let mut refused = Vec::new();
     for cred in &candidates {
         match ca_client::request_certificate(&cfg.ca, cred, cfg.key_type, cfg.ttl).await {
             Ok(answer) => {
+                let expected = cred.identity.as_ref().or(cfg.expected_identity.as_ref());
                 let verified = verify::verify_answer(
                     &answer.chain,
                     &trusted,
-                    &cred.identity,
+                    expected,
                     &answer.spki_der(),
                     cfg.ttl,
                     OffsetDateTime::now_utc(),
@@ -248,7 +277,7 @@ async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
                     ))
                 })?;
                 return Ok(Renewed {
-                    identity: cred.identity.to_string(),
+                    identity: verified.identity.clone(),
                     credential: cred.source,
                     verified,
                 });
@@ -262,7 +291,7 @@ async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
                     cred.serial
                 );
                 refused.push(format!(
-                    "the {source_name} certificate {} was refused: {message}",
+                    "the {source_name} credential ({}) was refused: {message}",
                     cred.serial
                 ));
             }
@@ -270,6 +299,13 @@ async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
         }
     }
     refused.extend(notes);
+    if !transient.is_empty() {
+        refused.extend(transient);
+        return Err(RenewError::Retry(format!(
+            "every usable credential was refused: {}",
+            refused.join("; ")
+        )));
+    }
     Err(RenewError::Fatal(format!(
         "every credential was refused: {}; {remedy}",
         refused.join("; ")

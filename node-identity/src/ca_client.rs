@@ -76,10 +76,12 @@ pub async fn request_certificate(
                 .map(|r| Certificate::from_pem(ca_core::pem::certificate(r))),
         )
         .domain_name(ca.server_name.clone());
+    let mut bearer = None;
     match &credential.proof {
         Proof::ClientCert { chain_pem, key_pem } => {
             tls = tls.identity(Identity::from_pem(chain_pem, key_pem))
         }
+        Proof::Bearer { token } => bearer = Some(token),
     }
     let endpoint = Endpoint::from_shared(format!("https://{}", ca.address))
         .map_err(|e| CallError::Local(format!("--ca-address {}: {e}", ca.address)))?
@@ -94,11 +96,17 @@ pub async fn request_certificate(
             source_chain(&e)
         ))
     })?;
-    let request = IstioCertificateRequest {
+    let mut request = tonic::Request::new(IstioCertificateRequest {
         csr: csr.pem().map_err(|e| CallError::Local(e.to_string()))?,
         validity_duration: ttl.as_secs() as i64,
         metadata: None,
-    };
+    });
+    if let Some(token) = bearer {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            CallError::Local("the identity token is not a valid header value".into())
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
     match IstioCertificateServiceClient::new(channel)
         .create_certificate(request)
         .await

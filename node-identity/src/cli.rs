@@ -99,9 +99,31 @@ struct RunArgs {
     /// Key type of new keys: p256 or rsa2048.
     #[arg(long, env = "NODE_IDENTITY_KEY_TYPE", default_value = "p256", value_parser = key_type)]
     key_type: KeyAlgorithm,
-    /// How this machine proves its identity: onprem (client certificates).
-    #[arg(long, env = "NODE_IDENTITY_PLATFORM", default_value = "onprem")]
+    /// How this machine proves its identity: onprem (client certificates from the
+    /// bootstrap bundle), gce (an instance identity token from the metadata server),
+    /// or auto (gce when a metadata server answers within a second).
+    #[arg(long, env = "NODE_IDENTITY_PLATFORM", default_value = "onprem", value_parser = ["onprem", "gce", "auto"])]
     platform: String,
+    /// GCE metadata server, HOST[:PORT].
+    #[arg(
+        long,
+        env = "NODE_IDENTITY_METADATA_HOST",
+        default_value = "metadata.google.internal"
+    )]
+    metadata_host: String,
+    /// Audience of GCE identity tokens (the CA's `audience`).
+    #[arg(long, env = "NODE_IDENTITY_GCE_AUDIENCE", default_value = "istio-ca")]
+    gce_audience: String,
+    /// Trust bundle for the CA's certificate when there is no bootstrap bundle (GCE).
+    #[arg(
+        long,
+        env = "NODE_IDENTITY_ROOT_CERT",
+        default_value = "/etc/node-identity/root-cert.pem"
+    )]
+    root_cert: PathBuf,
+    /// The SPIFFE ID this machine must receive (optional; checked in every answer).
+    #[arg(long, env = "NODE_IDENTITY_EXPECTED_IDENTITY")]
+    expected_identity: Option<String>,
     /// First retry delay after a failure.
     #[arg(long, env = "NODE_IDENTITY_MIN_BACKOFF", default_value = "1s", value_parser = duration)]
     min_backoff: Duration,
@@ -178,12 +200,6 @@ fn agent_config(common: &Common, a: &RunArgs) -> Result<AgentConfig, String> {
     {
         return Err(format!("--ca-address {address:?} must be HOST:PORT"));
     }
-    if a.platform != "onprem" {
-        return Err(format!(
-            "--platform {:?} is not supported by this version (use onprem)",
-            a.platform
-        ));
-    }
     if !(a.renew_at > 0.05 && a.renew_at < 0.95) {
         return Err(format!(
             "--renew-at {} must be between 0.05 and 0.95",
@@ -216,6 +232,17 @@ fn agent_config(common: &Common, a: &RunArgs) -> Result<AgentConfig, String> {
         max_backoff: a.max_backoff,
         status_file: common.status_file.clone(),
         once: a.once,
+        gce: (a.platform != "onprem").then(|| crate::gce::GceSettings {
+            metadata_host: a.metadata_host.clone(),
+            audience: a.gce_audience.clone(),
+            root_cert: a.root_cert.clone(),
+        }),
+        expected_identity: a
+            .expected_identity
+            .as_deref()
+            .map(ca_core::SpiffeId::parse)
+            .transpose()
+            .map_err(|e| format!("--expected-identity: {e}"))?,
     })
 }
 
@@ -260,6 +287,16 @@ fn run(common: &Common, args: RunArgs) -> ExitCode {
             }
             let _ = tx.send(true);
         });
+        let mut cfg = cfg;
+        if args.platform == "auto" {
+            let host = cfg.gce.as_ref().map(|g| g.metadata_host.clone()).unwrap_or_default();
+            if crate::gce::detect(&host).await {
+                tracing::info!("platform auto: a GCE metadata server answers at {host}; using instance identity tokens");
+            } else {
+                tracing::info!("platform auto: no GCE metadata server at {host}; using the bootstrap bundle only");
+                cfg.gce = None;
+            }
+        }
         match agent::run(cfg, rx).await {
             Exit::Shutdown | Exit::Done => ExitCode::SUCCESS,
             Exit::Fatal(msg) => {
@@ -277,7 +314,7 @@ fn status(common: &Common) -> ExitCode {
     let valid = match read_dir("current", &common.certs_dir) {
         Found::Credential(c) => {
             let ok = c.is_valid_at(now) && c.not_before <= now + time::Duration::minutes(5);
-            println!("identity:      {}", c.identity);
+            println!("identity:      {}", c.who());
             println!("serial:        {}", c.serial);
             println!(
                 "valid until:   {}{}",
@@ -293,7 +330,7 @@ fn status(common: &Common) -> ExitCode {
             );
             false
         }
-        Found::Unusable(e) => {
+        Found::Unusable(e) | Found::Unavailable(e) => {
             println!("identity:      - (unusable: {e})");
             false
         }

@@ -19,12 +19,18 @@ pub enum Proof {
         /// PKCS#8 PEM. Never logged.
         key_pem: String,
     },
+    /// `authorization: Bearer` with this token (a GCE identity token). Never logged.
+    Bearer {
+        /// The token.
+        token: String,
+    },
 }
 
 impl std::fmt::Debug for Proof {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Proof::ClientCert { .. } => f.write_str("ClientCert(...)"),
+            Proof::Bearer { .. } => f.write_str("Bearer(...)"),
         }
     }
 }
@@ -36,8 +42,9 @@ pub struct Credential {
     pub source: &'static str,
     /// How to present it.
     pub proof: Proof,
-    /// The identity it proves.
-    pub identity: SpiffeId,
+    /// The identity it proves, when known before asking (a token proves an instance;
+    /// the CA maps it to an identity).
+    pub identity: Option<SpiffeId>,
     /// Serial of the certificate, for messages.
     pub serial: String,
     /// Start of validity.
@@ -49,6 +56,14 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// The identity for messages.
+    pub fn who(&self) -> String {
+        self.identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "this instance".into())
+    }
+
     /// Whether it is still within its validity at `now`.
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
         self.not_after > now
@@ -64,6 +79,8 @@ pub enum Found {
     Absent,
     /// Something there, but unusable (why).
     Unusable(String),
+    /// Could not be obtained right now (e.g. the metadata server did not answer).
+    Unavailable(String),
 }
 
 /// A place credentials come from.
@@ -130,7 +147,7 @@ pub fn read_dir(name: &'static str, dir: &Path) -> Found {
         Ok(Credential {
             source: name,
             proof: Proof::ClientCert { chain_pem, key_pem },
-            identity,
+            identity: Some(identity),
             serial: facts.serial,
             not_before: facts.not_before,
             not_after: facts.not_after,

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod ca_client;
 pub mod cli;
 pub mod credential;
+pub mod gce;
 pub mod publish;
 pub mod schedule;
 pub mod status;

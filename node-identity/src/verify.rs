@@ -43,6 +43,8 @@ pub struct Verified {
     pub roots_pem: String,
     /// Leaf serial.
     pub serial: String,
+    /// The SPIFFE ID in the leaf.
+    pub identity: String,
     /// Validity.
     pub not_before: OffsetDateTime,
     /// Validity.
@@ -53,7 +55,7 @@ pub struct Verified {
 pub fn verify_answer(
     chain: &[String],
     trusted_roots: &[CertificateDer<'static>],
-    expected: &SpiffeId,
+    expected: Option<&SpiffeId>,
     spki_der: &[u8],
     requested_ttl: std::time::Duration,
     now: OffsetDateTime,
@@ -84,15 +86,25 @@ pub fn verify_answer(
         .verify_client_cert(leaf, &certs[1..], UnixTime::now())
         .map_err(|e| AnswerError::Untrusted(e.to_string()))?;
 
-    let got = facts
-        .spiffe_id()
+    let identity = facts.spiffe_id();
+    let got = identity
+        .as_ref()
         .map(|i| i.to_string())
         .unwrap_or_else(|| format!("{:?}", facts.uri_sans));
-    if got != expected.as_str() {
-        return Err(AnswerError::WrongIdentity {
-            expected: expected.to_string(),
-            got,
-        });
+    match (expected, &identity) {
+        (Some(e), _) if got != e.as_str() => {
+            return Err(AnswerError::WrongIdentity {
+                expected: e.to_string(),
+                got,
+            });
+        }
+        (None, None) => {
+            return Err(AnswerError::WrongIdentity {
+                expected: "a SPIFFE ID".into(),
+                got,
+            });
+        }
+        _ => {}
     }
     if facts.spki_der != spki_der {
         return Err(AnswerError::KeyMismatch);
@@ -120,6 +132,7 @@ pub fn verify_answer(
         chain_pem: chain.concat(),
         roots_pem: roots.iter().map(|r| ca_core::pem::certificate(r)).collect(),
         serial: facts.serial,
+        identity: got,
         not_before: facts.not_before,
         not_after: facts.not_after,
     })

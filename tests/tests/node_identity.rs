@@ -357,8 +357,8 @@ fn bad_configuration_is_exit_64() {
             "--renew-at",
         ),
         (
-            vec!["run", "--ca-address", "h:1", "--platform", "gce"],
-            "--platform",
+            vec!["run", "--ca-address", "h:1", "--platform", "azure"],
+            "azure",
         ),
         (
             vec!["run", "--ca-address", "h:1", "--key-type", "p521"],
