@@ -112,6 +112,18 @@ pub struct ServeArgs {
     /// deploy/gce-auth.example.toml).
     #[arg(long, env = "CA_GCE_CONFIG")]
     pub gce_config: Option<PathBuf>,
+    /// Accept Kubernetes service-account tokens, checked with TokenReview against the
+    /// cluster of KUBECONFIG or, inside a pod, the in-cluster configuration.
+    #[arg(long, env = "CA_KUBERNETES_TOKEN_AUTH")]
+    pub kubernetes_token_auth: bool,
+    /// Audiences a service-account token must be valid for (comma-separated).
+    #[arg(
+        long,
+        env = "CA_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "istio-ca"
+    )]
+    pub token_audiences: Vec<String>,
 }
 
 /// `export-bundle` flags.
@@ -350,6 +362,7 @@ pub fn serve_config(
         request_timeout: a.request_timeout,
         audit_retention: a.audit_retention,
         admin_socket: admin_socket.to_owned(),
+        kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
         gce: a
             .gce_config
             .as_deref()

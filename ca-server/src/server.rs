@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub admin_socket: PathBuf,
     /// GCE instance-identity-token authentication, when configured.
     pub gce: Option<crate::authn::gce::GceConfig>,
+    /// Kubernetes TokenReview authentication with these audiences, when enabled.
+    pub kubernetes_audiences: Option<Vec<String>>,
 }
 
 /// Why the server could not run.
@@ -168,6 +170,21 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, store.revoked_set())
             .map_err(ServeError::Io)?;
     let mut authn = AuthChain::default().with(Arc::new(client_cert));
+    if let Some(audiences) = &cfg.kubernetes_audiences {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| ServeError::Io(format!("Kubernetes client configuration: {e}")))?;
+        let client = kube::Client::try_from(config)
+            .map_err(|e| ServeError::Io(format!("Kubernetes client: {e}")))?;
+        authn = authn.with(Arc::new(
+            crate::authn::kubernetes::KubernetesTokenAuthenticator::new(
+                client,
+                audiences.clone(),
+                &cfg.trust_domain,
+                cfg.gce.is_none(),
+            ),
+        ));
+    }
     if let Some(gce) = &cfg.gce {
         let a = crate::authn::gce::GceAuthenticator::new(gce.clone(), &cfg.trust_domain)
             .await

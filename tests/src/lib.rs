@@ -4,6 +4,7 @@
 
 pub mod fake_ca;
 pub mod google;
+pub mod kube_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,7 @@ pub struct CaProcess {
     log: PathBuf,
     bin: PathBuf,
     listen: String,
+    env: Vec<(String, String)>,
 }
 
 impl CaProcess {
@@ -82,6 +84,30 @@ impl CaProcess {
     /// Like [`CaProcess::start`] with a given `ca-server` binary (e.g. a release build).
     pub fn start_bin(bin: PathBuf, state_dir: &Path, extra_args: &[&str]) -> CaProcess {
         Self::start_full(bin, state_dir, "127.0.0.1:0", extra_args)
+    }
+
+    /// Starts a CA with extra environment variables (e.g. KUBECONFIG).
+    pub fn start_with_env(
+        state_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> CaProcess {
+        let mut p = CaProcess {
+            bin: workspace_bin("ca-server"),
+            listen: "127.0.0.1:0".into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            state_dir: state_dir.to_owned(),
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log: state_dir.with_extension("log"),
+        };
+        p.spawn();
+        p
     }
 
     /// Starts a CA whose gRPC port is fixed (so it can come back on the same address).
@@ -98,6 +124,7 @@ impl CaProcess {
         let mut p = CaProcess {
             bin,
             listen: listen.to_owned(),
+            env: Vec::new(),
             child: None,
             state_dir: state_dir.to_owned(),
             grpc: "127.0.0.1:0".parse().unwrap(),
@@ -129,6 +156,7 @@ impl CaProcess {
             ])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -3,6 +3,7 @@
 
 mod client_cert;
 pub mod gce;
+pub mod kubernetes;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -83,7 +83,7 @@ impl GceAuthenticator {
     /// authenticator). A forged issuer is thus refused here, with a reason.
     fn claims_bearer(token: &str) -> bool {
         match jwt::unverified_issuer(token) {
-            Some(iss) => iss != "kubernetes/serviceaccount" && !token_mentions_kubernetes(token),
+            Some(_) => !super::kubernetes::is_kubernetes_token(token),
             None => true,
         }
     }
@@ -270,19 +270,6 @@ impl GceAuthenticator {
             principal: Some(principal),
         }))
     }
-}
-
-fn token_mentions_kubernetes(token: &str) -> bool {
-    use base64::Engine;
-    token
-        .split('.')
-        .nth(1)
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p)
-                .ok()
-        })
-        .is_some_and(|b| String::from_utf8_lossy(&b).contains("\"kubernetes.io\""))
 }
 
 impl Authenticator for GceAuthenticator {

@@ -1,0 +1,108 @@
+//! Kubernetes service-account tokens at the CA, against the API-server stand-in.
+
+use e2e::CaProcess;
+use e2e::kube_api::{KubeApi, TokenOwner, make_token};
+use istio_ca_proto::IstioCertificateRequest;
+use tonic::Code;
+
+async fn create(ch: &tonic::transport::Channel, token: &str) -> Result<Vec<String>, tonic::Status> {
+    let csr = e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1;
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    e2e::modern(ch)
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pod_tokens_get_exactly_their_service_account() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &["--kubernetes-token-auth"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let ch = ca.channel(None).await;
+
+    let good = make_token("bookinfo", "reviews", "t1");
+    api.add_token(
+        &good,
+        TokenOwner::service_account("bookinfo", "reviews", &["istio-ca"]),
+    );
+    let chain = create(&ch, &good)
+        .await
+        .expect("a registered token obtains a certificate");
+    let leaf = ca_core::pem::parse_certificates(chain[0].as_bytes()).unwrap();
+    let facts = ca_core::x509::inspect(&leaf[0]).unwrap();
+    assert_eq!(
+        facts.uri_sans,
+        vec!["spiffe://cluster.local/ns/bookinfo/sa/reviews"]
+    );
+
+    let wrong_aud = make_token("bookinfo", "reviews", "t2");
+    api.add_token(
+        &wrong_aud,
+        TokenOwner::service_account("bookinfo", "reviews", &["https://kubernetes.default.svc"]),
+    );
+    let user = make_token("default", "default", "t3");
+    api.add_token(
+        &user,
+        TokenOwner {
+            username: "alice@example.com".into(),
+            groups: vec!["system:authenticated".into()],
+            audiences: vec!["istio-ca".into()],
+        },
+    );
+    let forged = make_token("kube-system", "admin", "forged");
+    for (what, token, reason) in [
+        ("forged", forged.as_str(), "token_rejected"),
+        ("unknown", "not-even-a-jwt", "token_rejected"),
+        ("wrong audience", wrong_aud.as_str(), "token_rejected"),
+        (
+            "not a service account",
+            user.as_str(),
+            "not_a_service_account",
+        ),
+    ] {
+        let err = create(&ch, token).await.expect_err(what);
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
+        let denied = ca.audit_records(&["--outcome", "denied"]);
+        assert!(
+            denied
+                .iter()
+                .any(|r| r["reason"] == reason && r["authenticator"] == "kubernetes-token"),
+            "{what}: {denied:#?}"
+        );
+    }
+
+    // 1,000 requests with one token: the positive review is cached.
+    let before = api.reviews();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let ch = ch.clone();
+        let token = good.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                create(&ch, &token).await.expect("cached review");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        api.reviews() - before,
+        0,
+        "1,000 requests with a cached token cause no TokenReview"
+    );
+    assert_eq!(before, 5, "one review per distinct token so far");
+}
