@@ -45,7 +45,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the CA (gRPC on --grpc-addr, health and metrics on --http-addr).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Issue a key and certificate bundle for a machine outside GCE (key.pem 0600,
     /// cert-chain.pem, root-cert.pem). The key is generated here and never sent to the CA.
     ExportBundle(ExportArgs),
