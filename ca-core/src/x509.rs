@@ -88,6 +88,17 @@ pub fn normalise_serial(input: &str) -> String {
     }
 }
 
+/// Parses a serial typed by a person (hex, colons allowed) into the stored form.
+pub fn parse_serial(input: &str) -> Result<String, String> {
+    let trimmed = input.trim();
+    if trimmed.is_empty() || !trimmed.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+        return Err(format!(
+            "{input:?} is not a certificate serial: use the hex form printed by `ca-server audit list` or `openssl x509 -serial`"
+        ));
+    }
+    Ok(normalise_serial(trimmed))
+}
+
 /// SHA-256 of bytes, as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
@@ -147,5 +158,8 @@ mod tests {
     fn serial_normalisation() {
         assert_eq!(super::normalise_serial("00:AB:cd"), "abcd");
         assert_eq!(super::normalise_serial("0"), "0");
+        assert_eq!(super::parse_serial(" 0A:bc ").unwrap(), "abc");
+        assert!(super::parse_serial("spiffe://x").is_err());
+        assert!(super::parse_serial("").is_err());
     }
 }

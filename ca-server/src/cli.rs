@@ -256,6 +256,9 @@ pub fn main() -> ExitCode {
             init_logging("text");
             runtime.block_on(export_bundle(&admin_socket, args))
         }
+        Command::Revoke(args) if ca_core::x509::parse_serial(&args.serial).is_err() => {
+            usage_error(ca_core::x509::parse_serial(&args.serial).unwrap_err())
+        }
         Command::Revoke(args) => runtime.block_on(admin_or_offline(
             &cli.state_dir,
             &admin_socket,
@@ -590,7 +593,12 @@ async fn audit(state_dir: &Path, admin_socket: &Path, cmd: AuditCommand) -> Exit
                 json,
             )
         }
-        AuditCommand::Show { serial, json } => (AdminRequest::AuditShow { serial }, json),
+        AuditCommand::Show { serial, json } => {
+            if let Err(e) = ca_core::x509::parse_serial(&serial) {
+                return usage_error(e);
+            }
+            (AdminRequest::AuditShow { serial }, json)
+        }
         AuditCommand::Verify { json } => (AdminRequest::AuditVerify, json),
     };
     admin_or_offline(state_dir, admin_socket, req, json).await

@@ -151,3 +151,21 @@ fn second_server_on_same_state_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another process"), "{stderr}");
 }
+
+#[test]
+fn serials_must_be_hex() {
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [
+        vec![
+            "revoke",
+            "spiffe://cluster.local/ns/a/sa/b",
+            "--reason",
+            "x",
+        ],
+        vec!["audit", "show", "xyz"],
+    ] {
+        let out = e2e::run_cli(tmp.path(), &args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a certificate serial"));
+    }
+}

@@ -133,7 +133,10 @@ impl AdminService {
                 }
             }
             AdminRequest::AuditShow { serial } => {
-                let serial = ca_core::x509::normalise_serial(&serial);
+                let serial = match ca_core::x509::parse_serial(&serial) {
+                    Ok(s) => s,
+                    Err(e) => return error(e),
+                };
                 match store.show(&serial) {
                     Ok(records) => AdminResponse::Records { records },
                     Err(e) => error(e.to_string()),
@@ -202,7 +205,10 @@ impl AdminService {
     }
 
     async fn revoke(&self, serial: String, reason: String, admin: String) -> AdminResponse {
-        let serial = ca_core::x509::normalise_serial(&serial);
+        let serial = match ca_core::x509::parse_serial(&serial) {
+            Ok(s) => s,
+            Err(e) => return error(e),
+        };
         if reason.trim().is_empty() {
             return error("a revocation needs a --reason");
         }
