@@ -124,6 +124,13 @@ pub struct ServeArgs {
         default_value = "istio-ca"
     )]
     pub token_audiences: Vec<String>,
+    /// Keep the self-signed root in Secret istio-ca-secret of --ca-namespace (shared by
+    /// every replica) instead of the state directory. --plugged-ca-dir still wins.
+    #[arg(long, env = "CA_ROOT_IN_SECRET")]
+    pub root_in_secret: bool,
+    /// The CA's own namespace in Kubernetes.
+    #[arg(long, env = "CA_NAMESPACE", default_value = "istio-system")]
+    pub ca_namespace: String,
 }
 
 /// `export-bundle` flags.
@@ -341,6 +348,11 @@ pub fn serve_config(
             }
             CaSource::Plugged(dir.clone())
         }
+        None if a.root_in_secret => CaSource::KubernetesSecret {
+            namespace: a.ca_namespace.clone(),
+            key: a.root_key_type,
+            lifetime: a.root_lifetime,
+        },
         None => CaSource::SelfSigned {
             key: a.root_key_type,
             lifetime: a.root_lifetime,

@@ -137,11 +137,39 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
 
     let store = Arc::new(AuditStore::open(&cfg.state_dir.join("audit"))?);
     let (audit, audit_task) = AuditWriter::start(store.clone());
-    let ca = Arc::new(state::load_or_create(
-        &cfg.state_dir,
-        &cfg.trust_domain,
-        &cfg.ca_source,
-    )?);
+    let needs_kube = cfg.kubernetes_audiences.is_some()
+        || matches!(cfg.ca_source, CaSource::KubernetesSecret { .. });
+    let kube_client = if needs_kube {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| ServeError::Io(format!("Kubernetes client configuration: {e}")))?;
+        Some(
+            kube::Client::try_from(config)
+                .map_err(|e| ServeError::Io(format!("Kubernetes client: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let ca = Arc::new(match (&cfg.ca_source, &kube_client) {
+        (
+            CaSource::KubernetesSecret {
+                namespace,
+                key,
+                lifetime,
+            },
+            Some(client),
+        ) => {
+            state::load_or_create_in_cluster(
+                client.clone(),
+                namespace,
+                &cfg.trust_domain,
+                *key,
+                *lifetime,
+            )
+            .await?
+        }
+        _ => state::load_or_create(&cfg.state_dir, &cfg.trust_domain, &cfg.ca_source)?,
+    });
     metrics::gauge!("ca_root_expiry_timestamp_seconds")
         .set(ca.facts().not_after.unix_timestamp() as f64);
     if SpiffeId::for_service_account(&cfg.trust_domain, "default", "default").is_err() {
@@ -170,12 +198,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, store.revoked_set())
             .map_err(ServeError::Io)?;
     let mut authn = AuthChain::default().with(Arc::new(client_cert));
-    if let Some(audiences) = &cfg.kubernetes_audiences {
-        let config = kube::Config::infer()
-            .await
-            .map_err(|e| ServeError::Io(format!("Kubernetes client configuration: {e}")))?;
-        let client = kube::Client::try_from(config)
-            .map_err(|e| ServeError::Io(format!("Kubernetes client: {e}")))?;
+    if let (Some(audiences), Some(client)) = (&cfg.kubernetes_audiences, kube_client.clone()) {
         authn = authn.with(Arc::new(
             crate::authn::kubernetes::KubernetesTokenAuthenticator::new(
                 client,

@@ -26,6 +26,16 @@ pub enum CaSource {
     },
     /// An intermediate provided by the operator.
     Plugged(PathBuf),
+    /// A self-signed root kept in the Kubernetes Secret `istio-ca-secret` (type
+    /// `istio.io/ca-root`) of `namespace`, shared by every replica.
+    KubernetesSecret {
+        /// The CA's own namespace.
+        namespace: String,
+        /// Key algorithm for a new root.
+        key: KeyAlgorithm,
+        /// Lifetime of a new root.
+        lifetime: Duration,
+    },
 }
 
 /// Why the CA material could not be loaded.
@@ -81,6 +91,9 @@ pub fn load_or_create(
 ) -> Result<CertificateAuthority, StateError> {
     match source {
         CaSource::Plugged(dir) => load_plugged(dir),
+        CaSource::KubernetesSecret { .. } => Err(StateError::Invalid(
+            "the root lives in a Kubernetes Secret: use load_or_create_in_cluster".into(),
+        )),
         CaSource::SelfSigned { key, lifetime } => {
             let dir = state_dir.join("ca");
             fsutil::create_private_dir(&dir).map_err(|err| StateError::Io {
@@ -157,4 +170,105 @@ fn load_plugged(dir: &Path) -> Result<CertificateAuthority, StateError> {
         .map_err(|e| StateError::Invalid(format!("{}: {e}", dir.display())))?;
     tracing::info!(dir = %dir.display(), serial = %ca.facts().serial, not_after = %ca.facts().not_after, "loaded plugged-in CA");
     Ok(ca)
+}
+
+/// Name of the Secret holding the self-signed root (WIRE.md §4).
+pub const ROOT_SECRET: &str = "istio-ca-secret";
+
+fn root_from_secret(
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> Result<CertificateAuthority, StateError> {
+    let data = secret
+        .data
+        .as_ref()
+        .ok_or_else(|| StateError::Invalid(format!("Secret {ROOT_SECRET} has no data")))?;
+    let field = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .ok_or_else(|| StateError::Invalid(format!("Secret {ROOT_SECRET} has no {k}")))
+    };
+    let cert = ca_core::pem::parse_certificates(field("ca-cert.pem")?.as_bytes())
+        .map_err(|e| StateError::Invalid(format!("Secret {ROOT_SECRET} ca-cert.pem: {e}")))?
+        .remove(0)
+        .as_ref()
+        .to_vec();
+    let key = KeyPair::from_pem(&field("ca-key.pem")?)
+        .map_err(|e| StateError::Invalid(format!("Secret {ROOT_SECRET} ca-key.pem: {e}")))?;
+    CertificateAuthority::from_parts(cert.clone(), key, vec![], vec![cert])
+        .map_err(|e| StateError::Invalid(format!("Secret {ROOT_SECRET}: {e}")))
+}
+
+/// Loads the self-signed root from Secret `istio-ca-secret` in `namespace`, creating it
+/// on first start. Safe when several replicas start at once: each creates only if
+/// absent, and a replica that loses the race (409) reads back the winner's root.
+pub async fn load_or_create_in_cluster(
+    client: kube::Client,
+    namespace: &str,
+    trust_domain: &str,
+    key: KeyAlgorithm,
+    lifetime: Duration,
+) -> Result<CertificateAuthority, StateError> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, ObjectMeta, PostParams};
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let io = |what: &str, e: kube::Error| {
+        StateError::Invalid(format!("{what} Secret {namespace}/{ROOT_SECRET}: {e}"))
+    };
+    if let Some(existing) = api
+        .get_opt(ROOT_SECRET)
+        .await
+        .map_err(|e| io("reading", e))?
+    {
+        let ca = root_from_secret(&existing)?;
+        tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "loaded the root from Secret {namespace}/{ROOT_SECRET}");
+        return Ok(ca);
+    }
+    let key_pair = key
+        .generate()
+        .map_err(|e| StateError::Invalid(format!("key generation: {e}")))?;
+    let key_pem = key_pair.serialize_pem();
+    let ca = CertificateAuthority::new_self_signed_root(
+        key_pair,
+        trust_domain,
+        OffsetDateTime::now_utc(),
+        lifetime,
+    )
+    .map_err(|e| StateError::Invalid(e.to_string()))?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(ROOT_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".into()),
+        data: Some(
+            [
+                (
+                    "ca-cert.pem".to_string(),
+                    ByteString(ca_core::pem::certificate(ca.cert_der()).into_bytes()),
+                ),
+                ("ca-key.pem".to_string(), ByteString(key_pem.into_bytes())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "created the root in Secret {namespace}/{ROOT_SECRET}");
+            Ok(ca)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Another replica created it first: use theirs, drop ours.
+            let winner = api
+                .get(ROOT_SECRET)
+                .await
+                .map_err(|e| io("reading back", e))?;
+            let ca = root_from_secret(&winner)?;
+            tracing::info!(serial = %ca.facts().serial, "another replica created the root first; using it");
+            Ok(ca)
+        }
+        Err(e) => Err(io("creating", e)),
+    }
 }

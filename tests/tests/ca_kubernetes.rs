@@ -106,3 +106,67 @@ async fn pod_tokens_get_exactly_their_service_account() {
     );
     assert_eq!(before, 5, "one review per distinct token so far");
 }
+
+/// Two replicas starting at once on one cluster end up with the same root, kept in
+/// Secret istio-ca-secret; a restart reuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_the_root_secret() {
+    use base64::Engine;
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kc = kubeconfig.display().to_string();
+    let starts: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let state = tmp.path().join(name);
+            let kc = kc.clone();
+            std::thread::spawn(move || {
+                CaProcess::start_with_env(
+                    &state,
+                    &["--root-in-secret"],
+                    &[("KUBECONFIG", kc.as_str())],
+                )
+            })
+        })
+        .collect();
+    let mut cas: Vec<CaProcess> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    let secret = api
+        .get(
+            e2e::kube_api::Kind::Secret,
+            "istio-system",
+            "istio-ca-secret",
+        )
+        .expect("root secret created");
+    assert_eq!(secret["type"], "istio.io/ca-root");
+    let root_pem = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["ca-cert.pem"].as_str().unwrap())
+        .unwrap();
+    let root_pem = String::from_utf8(root_pem).unwrap();
+    assert!(secret["data"]["ca-key.pem"].is_string());
+    assert_eq!(
+        api.writes().of("Secret"),
+        1,
+        "one replica created it, the other read it back"
+    );
+    let root_der = ca_core::pem::parse_certificates(root_pem.as_bytes())
+        .unwrap()
+        .remove(0);
+    for ca in &cas {
+        let chain = e2e::serving_chain(ca.grpc, &root_pem).await;
+        assert_eq!(
+            chain.last().unwrap().as_ref(),
+            root_der.as_ref(),
+            "both replicas sign under the shared root"
+        );
+        assert!(
+            !ca.state_dir.join("ca/ca-key.pem").exists(),
+            "no root key on local disk"
+        );
+    }
+    cas[0].restart();
+    let chain = e2e::serving_chain(cas[0].grpc, &root_pem).await;
+    assert_eq!(chain.last().unwrap().as_ref(), root_der.as_ref());
+    assert_eq!(api.writes().of("Secret"), 1);
+}
