@@ -131,6 +131,28 @@ pub struct ServeArgs {
     /// The CA's own namespace in Kubernetes.
     #[arg(long, env = "CA_NAMESPACE", default_value = "istio-system")]
     pub ca_namespace: String,
+    /// Keep a Secret istio.<sa> for every service account of every managed namespace,
+    /// and the istio-ca-root-cert ConfigMap in each managed namespace.
+    #[arg(long, env = "CA_SECRET_CONTROLLER")]
+    pub secret_controller: bool,
+    /// Lifetime of the certificates in istio.<sa> Secrets.
+    #[arg(long, env = "CA_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub workload_cert_ttl: Duration,
+    /// Whether namespaces without ca.istio.io/override or ca.istio.io/env labels are managed.
+    #[arg(long, env = "CA_NAMESPACES_ENABLED_BY_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub namespaces_enabled_by_default: bool,
+    /// Rotate a Secret's certificate when less than this fraction of its life is left.
+    #[arg(long, env = "CA_SECRET_GRACE_RATIO", default_value_t = 0.5)]
+    pub secret_grace_ratio: f64,
+    /// ...and never later than this before expiry.
+    #[arg(long, env = "CA_SECRET_MIN_GRACE", default_value = "10m", value_parser = duration)]
+    pub secret_min_grace: Duration,
+    /// How often to look for Secrets whose rotation is due.
+    #[arg(long, env = "CA_SECRET_CHECK_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub secret_check_interval: Duration,
+    /// Secrets reconciled in parallel.
+    #[arg(long, env = "CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
+    pub controller_concurrency: usize,
 }
 
 /// `export-bundle` flags.
@@ -378,6 +400,28 @@ pub fn serve_config(
         audit_retention: a.audit_retention,
         admin_socket: admin_socket.to_owned(),
         kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
+        secret_controller: if a.secret_controller {
+            if !(a.secret_grace_ratio > 0.0 && a.secret_grace_ratio < 1.0) {
+                return Err(format!(
+                    "--secret-grace-ratio {} must be between 0 and 1",
+                    a.secret_grace_ratio
+                ));
+            }
+            if a.secret_min_grace >= a.workload_cert_ttl {
+                return Err("--secret-min-grace must be shorter than --workload-cert-ttl".into());
+            }
+            Some(crate::kubernetes::ControllerConfig {
+                ca_namespace: a.ca_namespace.clone(),
+                default_enabled: a.namespaces_enabled_by_default,
+                workload_ttl: a.workload_cert_ttl,
+                grace_ratio: a.secret_grace_ratio,
+                min_grace: a.secret_min_grace,
+                concurrency: a.controller_concurrency.max(1),
+                sweep_interval: a.secret_check_interval.max(Duration::from_secs(1)),
+            })
+        } else {
+            None
+        },
         gce: a
             .gce_config
             .as_deref()

@@ -16,5 +16,6 @@ pub mod grpc;
 pub mod http;
 pub mod httpclient;
 pub mod issuance;
+pub mod kubernetes;
 pub mod server;
 pub mod state;

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub gce: Option<crate::authn::gce::GceConfig>,
     /// Kubernetes TokenReview authentication with these audiences, when enabled.
     pub kubernetes_audiences: Option<Vec<String>>,
+    /// The identity-Secret controller, when enabled.
+    pub secret_controller: Option<crate::kubernetes::ControllerConfig>,
 }
 
 /// Why the server could not run.
@@ -138,6 +140,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     let store = Arc::new(AuditStore::open(&cfg.state_dir.join("audit"))?);
     let (audit, audit_task) = AuditWriter::start(store.clone());
     let needs_kube = cfg.kubernetes_audiences.is_some()
+        || cfg.secret_controller.is_some()
         || matches!(cfg.ca_source, CaSource::KubernetesSecret { .. });
     let kube_client = if needs_kube {
         let config = kube::Config::infer()
@@ -250,6 +253,19 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         serving_expiry,
         shutdown.clone(),
     ));
+    let controller_task = match (&cfg.secret_controller, &kube_client) {
+        (Some(c), Some(client)) => {
+            let controller = Arc::new(crate::kubernetes::SecretController::new(
+                client.clone(),
+                ca.clone(),
+                &cfg.trust_domain,
+                audit.clone(),
+                c.clone(),
+            ));
+            Some(tokio::spawn(controller.run(shutdown.clone())))
+        }
+        _ => None,
+    };
     let prune_task = tokio::spawn(prune_audit(
         store.clone(),
         cfg.audit_retention,
@@ -278,6 +294,9 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         let _ = http_task.await;
         renew_task.abort();
         prune_task.abort();
+        if let Some(t) = controller_task {
+            let _ = t.await;
+        }
         drop(issuance);
         drop(audit);
         let _ = audit_task.await;

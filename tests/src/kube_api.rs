@@ -132,6 +132,16 @@ impl KubeApi {
         g.events.clear();
     }
 
+    /// Every object of `kind`.
+    pub fn objects(&self, kind: Kind) -> Vec<Value> {
+        let g = self.resources.state.db.lock().unwrap();
+        g.objects
+            .iter()
+            .filter(|((k, _, _), _)| *k == kind)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// The current object, if any (`ns` empty for namespaces).
     pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
         self.resources

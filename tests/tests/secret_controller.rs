@@ -1,0 +1,225 @@
+//! The identity-Secret controller against the API-server stand-in.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use e2e::CaProcess;
+use e2e::kube_api::{Kind, KubeApi};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::Value;
+
+fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn secret_data(s: &Value, key: &str) -> String {
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(s["data"][key].as_str().unwrap_or_default())
+        .unwrap();
+    String::from_utf8(b).unwrap()
+}
+
+fn identity_secrets(api: &KubeApi, ns: &str) -> Vec<Value> {
+    api.objects(Kind::Secret)
+        .into_iter()
+        .filter(|s| s["metadata"]["namespace"] == ns && s["type"] == "istio.io/key-and-cert")
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_managed_service_account_gets_a_secret() {
+    e2e::install_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = kube::Client::try_from(kube::Config::new(
+        format!("http://{}", api.addr).parse().unwrap(),
+    ))
+    .unwrap();
+    let pp = PostParams::default();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    // 100 managed namespaces × 10 service accounts, plus two opted out.
+    let mut names: Vec<(String, Vec<(&str, &str)>)> =
+        (0..100).map(|i| (format!("ns{i}"), vec![])).collect();
+    names.push((
+        "kube-system".into(),
+        vec![("ca.istio.io/override", "false")],
+    ));
+    names.push(("elsewhere".into(), vec![("ca.istio.io/env", "other-ca")]));
+    for (ns, labels) in &names {
+        namespaces
+            .create(
+                &pp,
+                &Namespace {
+                    metadata: meta(ns, labels),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        for j in 0..10 {
+            sas.create(
+                &pp,
+                &ServiceAccount {
+                    metadata: meta(&format!("sa{j}"), &[]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &["--secret-controller", "--secret-check-interval", "1s"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let root = ca.root_pem();
+    let started = Instant::now();
+    wait_for("1,000 identity secrets", Duration::from_secs(120), || {
+        api.objects(Kind::Secret)
+            .iter()
+            .filter(|s| s["type"] == "istio.io/key-and-cert")
+            .count()
+            >= 1000
+    });
+    eprintln!("1,000 secrets in {:?}", started.elapsed());
+
+    for i in 0..100 {
+        let ns = format!("ns{i}");
+        let secrets = identity_secrets(&api, &ns);
+        assert_eq!(secrets.len(), 10, "{ns}");
+        for s in &secrets {
+            let sa = s["metadata"]["annotations"]["istio.io/service-account.name"]
+                .as_str()
+                .unwrap();
+            assert_eq!(s["metadata"]["name"], format!("istio.{sa}"));
+            assert_eq!(secret_data(s, "root-cert.pem"), root);
+            let chain =
+                ca_core::pem::parse_certificates(secret_data(s, "cert-chain.pem").as_bytes())
+                    .unwrap();
+            assert_eq!(chain.len(), 2, "leaf + root");
+            let facts = ca_core::x509::inspect(&chain[0]).unwrap();
+            assert_eq!(
+                facts.uri_sans,
+                vec![format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")]
+            );
+            let key = rcgen::KeyPair::from_pem(&secret_data(s, "key.pem")).unwrap();
+            assert_eq!(
+                rcgen::PublicKeyData::subject_public_key_info(&key),
+                facts.spki_der
+            );
+            let hours = (facts.not_after - facts.not_before).whole_hours();
+            assert!(
+                (24..=25).contains(&hours),
+                "24h workload certificates, got {hours}h"
+            );
+        }
+        let cm = api
+            .get(Kind::ConfigMap, &ns, "istio-ca-root-cert")
+            .expect("root ConfigMap");
+        assert_eq!(cm["data"]["root-cert.pem"].as_str().unwrap(), root);
+        assert_eq!(cm["metadata"]["labels"]["istio.io/config"], "true");
+    }
+    assert!(
+        identity_secrets(&api, "kube-system").is_empty(),
+        "no secrets in opted-out namespaces"
+    );
+    assert!(identity_secrets(&api, "elsewhere").is_empty());
+    let writes = api.writes();
+    assert_eq!(
+        writes.of("Secret"),
+        1000,
+        "one write per secret: {writes:?}"
+    );
+    assert_eq!(writes.of("ConfigMap"), 100, "{writes:?}");
+    // Every issuance is audited.
+    let audited = ca
+        .audit_records(&["--outcome", "issued"])
+        .iter()
+        .filter(|r| r["authenticator"] == "secret-controller")
+        .count();
+    assert_eq!(audited, 1000);
+
+    // Steady state: no writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(api.writes().of("Secret"), 1000, "no writes in steady state");
+
+    // A deleted secret comes back; a deleted service account takes its secret along.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ns7");
+    secrets
+        .delete("istio.sa3", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("recreated secret", Duration::from_secs(10), || {
+        api.get(Kind::Secret, "ns7", "istio.sa3").is_some()
+    });
+    Api::<ServiceAccount>::namespaced(client.clone(), "ns7")
+        .delete("sa4", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "secret of a deleted SA removed",
+        Duration::from_secs(10),
+        || api.get(Kind::Secret, "ns7", "istio.sa4").is_none(),
+    );
+
+    // Relabelling: a namespace opted in gets its secrets; one opted out is left alone.
+    namespaces
+        .patch(
+            "elsewhere",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"ca.istio.io/override": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "secrets in a namespace opted in",
+        Duration::from_secs(15),
+        || identity_secrets(&api, "elsewhere").len() == 10,
+    );
+    namespaces
+        .patch(
+            "ns9",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"ca.istio.io/override": "false"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Api::<Secret>::namespaced(client.clone(), "ns9")
+        .delete("istio.sa0", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        api.get(Kind::Secret, "ns9", "istio.sa0").is_none(),
+        "an unmanaged namespace is not touched"
+    );
+    assert_eq!(identity_secrets(&api, "ns9").len(), 9);
+}
