@@ -153,6 +153,16 @@ pub struct ServeArgs {
     /// Secrets reconciled in parallel.
     #[arg(long, env = "CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
     pub controller_concurrency: usize,
+    /// Run the controllers only while holding the Lease istio-ca-leader in
+    /// --ca-namespace (for several replicas). Off: this replica always runs them.
+    #[arg(long, env = "CA_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Lease duration: a dead leader is replaced within this time.
+    #[arg(long, env = "CA_LEADER_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    pub leader_lease_duration: Duration,
+    /// This replica's name in the Lease [default: $POD_NAME or the host name, and the pid].
+    #[arg(long, env = "CA_LEADER_IDENTITY")]
+    pub leader_identity: Option<String>,
 }
 
 /// `export-bundle` flags.
@@ -400,6 +410,14 @@ pub fn serve_config(
         audit_retention: a.audit_retention,
         admin_socket: admin_socket.to_owned(),
         kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
+        leader_election: (a.secret_controller && a.leader_elect).then(|| {
+            (
+                a.leader_identity
+                    .clone()
+                    .unwrap_or_else(crate::kubernetes::leader::default_identity),
+                a.leader_lease_duration.max(Duration::from_secs(2)),
+            )
+        }),
         secret_controller: if a.secret_controller {
             if !(a.secret_grace_ratio > 0.0 && a.secret_grace_ratio < 1.0) {
                 return Err(format!(

@@ -53,6 +53,9 @@ pub struct ServeConfig {
     pub kubernetes_audiences: Option<Vec<String>>,
     /// The identity-Secret controller, when enabled.
     pub secret_controller: Option<crate::kubernetes::ControllerConfig>,
+    /// Leader election (identity, lease duration) for the controllers; `None` runs
+    /// them unconditionally.
+    pub leader_election: Option<(String, Duration)>,
 }
 
 /// Why the server could not run.
@@ -254,16 +257,15 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         shutdown.clone(),
     ));
     let controller_task = match (&cfg.secret_controller, &kube_client) {
-        (Some(c), Some(client)) => {
-            let controller = Arc::new(crate::kubernetes::SecretController::new(
-                client.clone(),
-                ca.clone(),
-                &cfg.trust_domain,
-                audit.clone(),
-                c.clone(),
-            ));
-            Some(tokio::spawn(controller.run(shutdown.clone())))
-        }
+        (Some(c), Some(client)) => Some(tokio::spawn(crate::kubernetes::run_controllers(
+            client.clone(),
+            ca.clone(),
+            cfg.trust_domain.clone(),
+            audit.clone(),
+            c.clone(),
+            cfg.leader_election.clone(),
+            shutdown.clone(),
+        ))),
         _ => None,
     };
     let prune_task = tokio::spawn(prune_audit(

@@ -223,3 +223,284 @@ async fn every_managed_service_account_gets_a_secret() {
     );
     assert_eq!(identity_secrets(&api, "ns9").len(), 9);
 }
+
+async fn populate(api: &KubeApi, namespaces: usize, per_ns: usize) -> kube::Client {
+    e2e::install_crypto();
+    let client = kube::Client::try_from(kube::Config::new(
+        format!("http://{}", api.addr).parse().unwrap(),
+    ))
+    .unwrap();
+    let pp = PostParams::default();
+    for i in 0..namespaces {
+        let ns = format!("ns{i}");
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &pp,
+                &Namespace {
+                    metadata: meta(&ns, &[]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+        for j in 0..per_ns {
+            sas.create(
+                &pp,
+                &ServiceAccount {
+                    metadata: meta(&format!("sa{j}"), &[]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    client
+}
+
+fn count_identity_secrets(api: &KubeApi) -> usize {
+    api.objects(Kind::Secret)
+        .iter()
+        .filter(|s| s["type"] == "istio.io/key-and-cert")
+        .count()
+}
+
+/// Two replicas: only the leader writes; killing it, the other takes over within the
+/// lease duration, without a storm of writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_leader_writes_and_a_dead_leader_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = populate(&api, 10, 10).await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kc = kubeconfig.display().to_string();
+    let args = [
+        "--secret-controller",
+        "--root-in-secret",
+        "--leader-lease-duration",
+        "4s",
+        "--secret-check-interval",
+        "1s",
+    ];
+    let mut a =
+        CaProcess::start_with_env(&tmp.path().join("a"), &args, &[("KUBECONFIG", kc.as_str())]);
+    let mut b =
+        CaProcess::start_with_env(&tmp.path().join("b"), &args, &[("KUBECONFIG", kc.as_str())]);
+    wait_for("100 secrets", Duration::from_secs(60), || {
+        count_identity_secrets(&api) == 100
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        api.writes().of("Secret"),
+        101,
+        "one write per identity secret (100) + the shared root secret, with two replicas running"
+    );
+    let lease = api
+        .get(Kind::Lease, "istio-system", "istio-ca-leader")
+        .expect("lease");
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+    let (leader, follower) = if holder.ends_with(&format!("-{}", a.pid().unwrap())) {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(
+        holder.ends_with(&format!("-{}", leader.pid().unwrap())),
+        "{holder}"
+    );
+    let follower_pid = follower.pid().unwrap();
+
+    leader.kill();
+    let killed = Instant::now();
+    wait_for(
+        "the follower to take the lease",
+        Duration::from_secs(10),
+        || {
+            api.get(Kind::Lease, "istio-system", "istio-ca-leader")
+                .and_then(|l| {
+                    l["spec"]["holderIdentity"]
+                        .as_str()
+                        .map(|h| h.ends_with(&format!("-{follower_pid}")))
+                })
+                .unwrap_or(false)
+        },
+    );
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(4) + Duration::from_secs(2),
+        "taken over after {took:?} (lease 4s, renew period 1.3s)"
+    );
+    // The new leader converges without rewriting what is fine ...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        api.writes().of("Secret"),
+        101,
+        "no write storm after a failover"
+    );
+    // ... and acts on new events.
+    Api::<Secret>::namespaced(client.clone(), "ns3")
+        .delete("istio.sa3", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "recreated by the new leader",
+        Duration::from_secs(10),
+        || api.get(Kind::Secret, "ns3", "istio.sa3").is_some(),
+    );
+    assert_eq!(api.writes().of("Secret"), 103, "delete + recreate");
+}
+
+/// Injected 500s, conflicts and dropped watches delay convergence but lose or
+/// duplicate nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_faults_delay_but_never_lose_or_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = populate(&api, 10, 10).await;
+    // Someone else already wrote one of the secrets (the controller must not fight it
+    // into two, and must fix its content).
+    Api::<Secret>::namespaced(client.clone(), "ns0")
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: meta("istio.sa0", &[]),
+                type_: Some("istio.io/key-and-cert".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    api.fail_next(30);
+    api.set_slow(Some(Duration::from_millis(20)));
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let _ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &[
+            "--secret-controller",
+            "--leader-elect",
+            "false",
+            "--secret-check-interval",
+            "1s",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    api.drop_watches();
+    api.set_slow(None);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    api.drop_watches();
+    wait_for("every secret valid", Duration::from_secs(60), || {
+        api.objects(Kind::Secret)
+            .iter()
+            .filter(|s| {
+                s["type"] == "istio.io/key-and-cert" && !s["data"]["cert-chain.pem"].is_null()
+            })
+            .count()
+            == 100
+    });
+    // Meanwhile an SA is deleted while watches are being dropped.
+    Api::<ServiceAccount>::namespaced(client.clone(), "ns5")
+        .delete("sa5", &DeleteParams::default())
+        .await
+        .unwrap();
+    api.drop_watches();
+    wait_for(
+        "secret of the deleted SA removed",
+        Duration::from_secs(15),
+        || api.get(Kind::Secret, "ns5", "istio.sa5").is_none(),
+    );
+    assert_eq!(count_identity_secrets(&api), 99);
+    let writes = api.writes();
+    // 99 creates + 1 update of the foreign secret + 1 create of it by the test + 1 delete.
+    assert!(
+        writes.of("Secret") <= 102,
+        "no duplicate writes: {writes:?}"
+    );
+}
+
+/// A new plugged-in CA: every Secret and ConfigMap is updated; no Secret keeps the old root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn root_change_updates_every_secret_and_configmap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    populate(&api, 5, 4).await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kc = kubeconfig.display().to_string();
+    let state = tmp.path().join("state");
+    let mut ca = CaProcess::start_with_env(
+        &state,
+        &["--secret-controller", "--leader-elect", "false"],
+        &[("KUBECONFIG", kc.as_str())],
+    );
+    wait_for("20 secrets", Duration::from_secs(30), || {
+        count_identity_secrets(&api) == 20
+    });
+    let old_root = ca.root_pem();
+    ca.stop();
+
+    // The operator plugs in an intermediate under a new root.
+    let cacerts = tmp.path().join("cacerts");
+    std::fs::create_dir_all(&cacerts).unwrap();
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root_params = rcgen::CertificateParams::default();
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "New Root");
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root = root_params.self_signed(&root_key).unwrap();
+    std::fs::write(cacerts.join("ca-cert.pem"), root.pem()).unwrap();
+    std::fs::write(cacerts.join("ca-key.pem"), root_key.serialize_pem()).unwrap();
+    std::fs::write(cacerts.join("cert-chain.pem"), root.pem()).unwrap();
+    std::fs::write(cacerts.join("root-cert.pem"), root.pem()).unwrap();
+    let _ca2 = CaProcess::start_with_env(
+        &tmp.path().join("state2"),
+        &[
+            "--secret-controller",
+            "--leader-elect",
+            "false",
+            "--plugged-ca-dir",
+            cacerts.to_str().unwrap(),
+        ],
+        &[("KUBECONFIG", kc.as_str())],
+    );
+    wait_for(
+        "every secret on the new root",
+        Duration::from_secs(30),
+        || {
+            api.objects(Kind::Secret)
+                .iter()
+                .filter(|s| s["type"] == "istio.io/key-and-cert")
+                .all(|s| secret_data(s, "root-cert.pem") == root.pem())
+        },
+    );
+    wait_for(
+        "every ConfigMap on the new root",
+        Duration::from_secs(30),
+        || {
+            (0..5).all(|i| {
+                api.get(Kind::ConfigMap, &format!("ns{i}"), "istio-ca-root-cert")
+                    .is_some_and(|cm| {
+                        cm["data"]["root-cert.pem"].as_str() == Some(root.pem().as_str())
+                    })
+            })
+        },
+    );
+    assert!(
+        api.objects(Kind::Secret)
+            .iter()
+            .all(|s| secret_data(s, "root-cert.pem") != old_root)
+    );
+    assert_eq!(
+        count_identity_secrets(&api),
+        20,
+        "rotated in place, none duplicated"
+    );
+}
