@@ -92,8 +92,18 @@ impl CaProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> CaProcess {
+        Self::start_bin_with_env(workspace_bin("ca-server"), state_dir, extra_args, env)
+    }
+
+    /// [`CaProcess::start_with_env`] with a given binary.
+    pub fn start_bin_with_env(
+        bin: PathBuf,
+        state_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> CaProcess {
         let mut p = CaProcess {
-            bin: workspace_bin("ca-server"),
+            bin,
             listen: "127.0.0.1:0".into(),
             env: env
                 .iter()
