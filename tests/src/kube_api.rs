@@ -735,3 +735,17 @@ impl Resources {
             .with_state(self.state.clone())
     }
 }
+
+/// Object metadata with a name and labels, for creating test objects.
+pub fn meta(name: &str, labels: &[(&str, &str)]) -> kube::api::ObjectMeta {
+    kube::api::ObjectMeta {
+        name: Some(name.into()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}

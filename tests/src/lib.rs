@@ -546,3 +546,12 @@ pub fn published_leaf(certs: &Path) -> ca_core::x509::CertFacts {
     let leaf = ca_core::pem::parse_certificates(chain.as_bytes()).unwrap();
     ca_core::x509::inspect(&leaf[0]).unwrap()
 }
+
+/// Polls `f` every 50 ms until it holds, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

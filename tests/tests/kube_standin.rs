@@ -2,14 +2,13 @@
 //! pass, product code written against kube-rs sees the semantics it would see from a
 //! real API server (for the parts we use).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e::kube_api::KubeApi;
+use e2e::kube_api::meta;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use kube::api::{
-    Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
-    WatchParams,
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use tokio_stream::StreamExt;
 
@@ -23,19 +22,6 @@ fn code(e: kube::Error) -> u16 {
     match e {
         kube::Error::Api(s) => s.code,
         other => panic!("not an API status: {other:?}"),
-    }
-}
-
-fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..Default::default()
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use e2e::{
     AgentProcess, CaProcess, free_port, generation, pair_matches, published_leaf, run_agent,
+    wait_for,
 };
 
 struct Setup {
@@ -85,14 +86,6 @@ impl Setup {
             o.status.code().unwrap(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
         )
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -180,11 +173,12 @@ fn renews_at_half_life_and_the_pair_always_matches() {
         agent.log_text()
     );
     // Renewal at 0.5 of a 22 s lifetime (±10%) counted from not_before = 2 s before
-    // issuance: 7.9 s to 10.1 s after the previous certificate, plus the round trip.
+    // issuance: 7.9 s to 10.1 s after the previous certificate, plus the round trip
+    // (generous on a loaded 2-core CI machine; expiry is 20 s away).
     for w in changes.windows(2) {
         let gap = w[1].0 - w[0].0;
         assert!(
-            gap >= Duration::from_millis(7000) && gap <= Duration::from_millis(11500),
+            gap >= Duration::from_millis(7000) && gap <= Duration::from_millis(13000),
             "renewal gap {gap:?}"
         );
     }
@@ -242,8 +236,8 @@ fn survives_a_ca_outage() {
         "status reports a valid certificate during the outage: {status}"
     );
     assert!(status.contains("cannot reach the CA"), "{status}");
-    let back = Instant::now();
     s.ca.restart();
+    let back = Instant::now();
     wait_for(
         "renewal after the CA returned",
         Duration::from_secs(10),

@@ -1,9 +1,10 @@
 //! The agent on a (stand-in) GCE VM: identity tokens from the metadata server, the CA's
 //! mapping, renewal over mutual TLS, and a metadata server that goes away.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::google::{Google, Instance};
+use e2e::wait_for;
 use e2e::{AgentProcess, CaProcess, generation, published_leaf, run_agent};
 
 fn gce_config(dir: &std::path::Path, g: &Google) -> String {
@@ -21,14 +22,6 @@ fn gce_config(dir: &std::path::Path, g: &Google) -> String {
     let path = dir.join("gce.toml");
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,27 +1,15 @@
 //! The identity-Secret controller against the API-server stand-in.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use e2e::CaProcess;
+use e2e::kube_api::meta;
 use e2e::kube_api::{Kind, KubeApi};
+use e2e::wait_for;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
-
-fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..Default::default()
-    }
-}
 
 fn secret_data(s: &Value, key: &str) -> String {
     let b = base64::engine::general_purpose::STANDARD
@@ -35,14 +23,6 @@ fn identity_secrets(api: &KubeApi, ns: &str) -> Vec<Value> {
         .into_iter()
         .filter(|s| s["metadata"]["namespace"] == ns && s["type"] == "istio.io/key-and-cert")
         .collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
