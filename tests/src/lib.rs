@@ -555,3 +555,22 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `CreateCertificate` for a fresh P-256 CSR with `authorization: Bearer <token>`;
+/// the chain on success.
+pub async fn create_with_bearer(ch: &Channel, token: &str) -> Result<Vec<String>, tonic::Status> {
+    let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let mut req = tonic::Request::new(istio_ca_proto::IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    let value = format!("Bearer {token}")
+        .parse()
+        .expect("token is a valid header value");
+    req.metadata_mut().insert("authorization", value);
+    modern(ch)
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use e2e::CaProcess;
 use e2e::google::{Google, Instance, sign_hs256};
-use istio_ca_proto::{CsrRequest, IstioCertificateRequest};
+use istio_ca_proto::CsrRequest;
 use serde_json::json;
 use tonic::Code;
 
@@ -48,20 +48,6 @@ fn csr() -> String {
     e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1
 }
 
-async fn create(ch: &tonic::transport::Channel, token: &str) -> Result<Vec<String>, tonic::Status> {
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr: csr(),
-        validity_duration: 0,
-        metadata: None,
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    e2e::modern(ch)
-        .create_certificate(req)
-        .await
-        .map(|r| r.into_inner().cert_chain)
-}
-
 fn spiffe_of(pem: &str) -> String {
     let der = ca_core::pem::parse_certificates(pem.as_bytes()).unwrap();
     ca_core::x509::inspect(&der[0]).unwrap().uri_sans[0].clone()
@@ -92,7 +78,7 @@ async fn gce_tokens_are_checked_completely() {
     let ch = ca.channel(None).await;
 
     // Happy path, both APIs: the identity comes from the mapping rule.
-    let chain = create(&ch, &g.token(AUD))
+    let chain = e2e::create_with_bearer(&ch, &g.token(AUD))
         .await
         .expect("a good token is accepted");
     assert_eq!(
@@ -225,7 +211,7 @@ async fn gce_tokens_are_checked_completely() {
             .iter()
             .filter(|r| r["reason"] == reason)
             .count();
-        let err = create(&ch, &token).await.expect_err(what);
+        let err = e2e::create_with_bearer(&ch, &token).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
         let after = ca
             .audit_records(&["--outcome", "denied"])
@@ -276,7 +262,7 @@ async fn gce_tokens_are_checked_completely() {
         if reason == "gce_instance_mismatch" {
             g2.set_instance(|i| change(i));
         }
-        let err = create(&ch2, &token).await.expect_err(what);
+        let err = e2e::create_with_bearer(&ch2, &token).await.expect_err(what);
         assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
         let denied = ca2.audit_records(&["--outcome", "denied"]);
         assert!(
@@ -303,15 +289,17 @@ async fn jwks_rotation_outage_and_caching() {
         let token = token.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..63 {
-                create(&ch, &token).await.expect("accepted");
+                e2e::create_with_bearer(&ch, &token)
+                    .await
+                    .expect("accepted");
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    create(&ch, &token).await.unwrap();
-    create(&ch, &token).await.unwrap();
+    e2e::create_with_bearer(&ch, &token).await.unwrap();
+    e2e::create_with_bearer(&ch, &token).await.unwrap();
     let (jwks, lookups) = g.counters(|c| (c.jwks_fetches, c.compute_lookups));
     assert_eq!(
         metric(
@@ -329,7 +317,9 @@ async fn jwks_rotation_outage_and_caching() {
     // Rotation: a token signed with a new key is accepted after one refetch.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     g.rotate();
-    create(&ch, &g.token(AUD)).await.expect("new key accepted");
+    e2e::create_with_bearer(&ch, &g.token(AUD))
+        .await
+        .expect("new key accepted");
     assert_eq!(
         g.counters(|c| c.jwks_fetches),
         2,
@@ -339,11 +329,11 @@ async fn jwks_rotation_outage_and_caching() {
     // The JWKS endpoint goes down: tokens signed with cached keys keep working.
     g.set_jwks_down(true);
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    create(&ch, &g.token(AUD))
+    e2e::create_with_bearer(&ch, &g.token(AUD))
         .await
         .expect("cached key still verifies");
     let stranger = e2e::google::SigningKey::generate("key-99");
-    let err = create(
+    let err = e2e::create_with_bearer(
         &ch,
         &stranger.sign(
             &json!({"alg": "RS256", "kid": "key-99"}),

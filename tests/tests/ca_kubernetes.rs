@@ -2,23 +2,7 @@
 
 use e2e::CaProcess;
 use e2e::kube_api::{KubeApi, TokenOwner, make_token};
-use istio_ca_proto::IstioCertificateRequest;
 use tonic::Code;
-
-async fn create(ch: &tonic::transport::Channel, token: &str) -> Result<Vec<String>, tonic::Status> {
-    let csr = e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1;
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 0,
-        metadata: None,
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    e2e::modern(ch)
-        .create_certificate(req)
-        .await
-        .map(|r| r.into_inner().cert_chain)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pod_tokens_get_exactly_their_service_account() {
@@ -38,7 +22,7 @@ async fn pod_tokens_get_exactly_their_service_account() {
         &good,
         TokenOwner::service_account("bookinfo", "reviews", &["istio-ca"]),
     );
-    let chain = create(&ch, &good)
+    let chain = e2e::create_with_bearer(&ch, &good)
         .await
         .expect("a registered token obtains a certificate");
     let leaf = ca_core::pem::parse_certificates(chain[0].as_bytes()).unwrap();
@@ -73,7 +57,7 @@ async fn pod_tokens_get_exactly_their_service_account() {
             "not_a_service_account",
         ),
     ] {
-        let err = create(&ch, token).await.expect_err(what);
+        let err = e2e::create_with_bearer(&ch, token).await.expect_err(what);
         assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
         let denied = ca.audit_records(&["--outcome", "denied"]);
         assert!(
@@ -92,7 +76,9 @@ async fn pod_tokens_get_exactly_their_service_account() {
         let token = good.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..100 {
-                create(&ch, &token).await.expect("cached review");
+                e2e::create_with_bearer(&ch, &token)
+                    .await
+                    .expect("cached review");
             }
         }));
     }
