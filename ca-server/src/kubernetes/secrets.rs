@@ -12,7 +12,8 @@
 //!
 //! Writes happen only when something must change, through create (409: someone else
 //! did it, the watch will tell) or replace with the stored `resourceVersion` (409:
-//! stale, retried after the watch catches up), with bounded concurrency. A periodic
+//! stale, retried after the watch catches up), with bounded concurrency; a failed
+//! reconcile (409, 5xx, timeout) is retried with exponential backoff (0.5 s to 60 s). A periodic
 //! sweep marks pairs whose rotation is due. After any (re)list every pair is checked
 //! again, so events missed while a watch was down are not lost.
 
@@ -68,6 +69,8 @@ struct Queue {
     dirty_namespaces: HashSet<String>,
     /// When each pair's Secret must next be rotated.
     due: HashMap<Key, OffsetDateTime>,
+    /// Consecutive failed reconciles per pair (for the retry backoff).
+    failures: HashMap<Key, u32>,
 }
 
 /// The controller.
@@ -289,12 +292,9 @@ impl SecretController {
                     limit.clone().acquire_owned().await,
                 );
                 tasks.spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = me.reconcile(&stores.0, &stores.1, &stores.2, &key).await {
-                        tracing::warn!(namespace = %key.0, service_account = %key.1, error = %e, "reconcile failed; will retry");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        me.mark(key);
-                    }
+                    let result = me.reconcile(&stores.0, &stores.1, &stores.2, &key).await;
+                    drop(permit);
+                    me.after_reconcile(key, result);
                 });
             }
             while tasks.join_next().await.is_some() {}
@@ -302,6 +302,30 @@ impl SecretController {
         ns_task.abort();
         sa_task.abort();
         secret_task.abort();
+    }
+
+    /// Failed reconciles are retried after 0.5 s, doubling per consecutive failure up to
+    /// a minute, without holding up the other pairs.
+    fn after_reconcile(self: &Arc<Self>, key: Key, result: Result<(), String>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                q.failures.remove(&key);
+            }
+            Err(e) => {
+                let n = q.failures.entry(key.clone()).or_insert(0);
+                *n = n.saturating_add(1);
+                let delay = Duration::from_millis(500)
+                    .saturating_mul(1u32 << (*n - 1).min(7))
+                    .min(Duration::from_secs(60));
+                tracing::warn!(namespace = %key.0, service_account = %key.1, error = %e, retry_in = ?delay, "reconcile failed");
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    me.mark(key);
+                });
+            }
+        }
     }
 
     fn resync(&self, sas: &Store<ServiceAccount>, secrets: &Store<Secret>) {
