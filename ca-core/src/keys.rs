@@ -20,6 +20,27 @@ impl PublicKey {
         Ok(PublicKey { kind, raw })
     }
 
+    /// The public half of a key pair this process generated (no CSR round trip: a
+    /// CSR would only sign and then verify what we already know).
+    pub fn of_key_pair(key: &KeyPair) -> Result<Self, crate::IssueError> {
+        let raw = key.public_key_raw().to_vec();
+        let alg = key.algorithm();
+        let kind = if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
+            KeyKind::EcdsaP256
+        } else if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+            KeyKind::EcdsaP384
+        } else if alg == &rcgen::PKCS_RSA_SHA256 {
+            let bits =
+                rsa_modulus_bits(&raw).map_err(|e| crate::IssueError::Internal(e.to_string()))?;
+            KeyKind::Rsa(bits)
+        } else {
+            return Err(crate::IssueError::UnsupportedKey(
+                "key pair algorithm".into(),
+            ));
+        };
+        Ok(PublicKey { kind, raw })
+    }
+
     /// The `subjectPublicKey` BIT STRING contents (EC point or PKCS#1 RSAPublicKey).
     pub fn raw(&self) -> &[u8] {
         &self.raw
@@ -134,6 +155,7 @@ mod tests {
             ("rsa2048", crate::KeyKind::Rsa(2048)),
         ] {
             let key = KeyAlgorithm::parse(name).unwrap().generate().unwrap();
+            let direct = super::PublicKey::of_key_pair(&key).unwrap();
             let csr = rcgen::CertificateParams::default()
                 .serialize_request(&key)
                 .unwrap();
@@ -142,6 +164,10 @@ mod tests {
             assert_eq!(
                 verified.public_key.spki_der(),
                 key.subject_public_key_info()
+            );
+            assert_eq!(
+                direct, verified.public_key,
+                "same key without the CSR round trip"
             );
         }
         assert!(KeyAlgorithm::parse("p521").is_err());

@@ -86,14 +86,7 @@ async fn refresh_serving_cert(
     let key = KeyAlgorithm::EcdsaP256
         .generate()
         .map_err(|e| e.to_string())?;
-    let public = ca_core::csr::verify(
-        rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .map_err(|e| e.to_string())?
-            .der(),
-    )
-    .map_err(|e| e.to_string())?
-    .public_key;
+    let public = ca_core::keys::PublicKey::of_key_pair(&key).map_err(|e| e.to_string())?;
     let now = OffsetDateTime::now_utc();
     let issued = ca
         .issue_server_cert(&public, &cfg.server_names, cfg.serving_cert_ttl, now)

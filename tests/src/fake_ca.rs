@@ -57,11 +57,7 @@ fn new_ca() -> CertificateAuthority {
 }
 
 fn fresh_public_key() -> ca_core::keys::PublicKey {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    ca_core::csr::verify(csr.der()).unwrap().public_key
+    ca_core::keys::PublicKey::of_key_pair(&rcgen::KeyPair::generate().unwrap()).unwrap()
 }
 
 const IDENTITY: &str = "spiffe://cluster.local/ns/vm/sa/db";
@@ -93,10 +89,7 @@ impl FakeCa {
         std::fs::write(bootstrap.join("root-cert.pem"), &root_pem).unwrap();
 
         let server_key = rcgen::KeyPair::generate().unwrap();
-        let server_csr = rcgen::CertificateParams::default()
-            .serialize_request(&server_key)
-            .unwrap();
-        let server_pub = ca_core::csr::verify(server_csr.der()).unwrap().public_key;
+        let server_pub = ca_core::keys::PublicKey::of_key_pair(&server_key).unwrap();
         let serving = ca
             .issue_server_cert(
                 &server_pub,

@@ -482,12 +482,7 @@ impl SecretController {
         let key = KeyAlgorithm::EcdsaP256
             .generate()
             .map_err(|e| e.to_string())?;
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .map_err(|e| e.to_string())?;
-        let public = ca_core::csr::verify(csr.der())
-            .map_err(|e| e.to_string())?
-            .public_key;
+        let public = ca_core::keys::PublicKey::of_key_pair(&key).map_err(|e| e.to_string())?;
         let now = OffsetDateTime::now_utc();
         let issued = self
             .ca
