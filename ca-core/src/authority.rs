@@ -93,6 +93,9 @@ pub struct CertificateAuthority {
     chain_above: Vec<Vec<u8>>,
     /// Trusted roots (a list from the start, so rotation can add one).
     roots: Vec<Vec<u8>>,
+    /// PEM forms, encoded once: every answer carries them.
+    chain_pem: Vec<String>,
+    roots_pem: String,
     rng: SystemRandom,
 }
 
@@ -174,12 +177,19 @@ impl CertificateAuthority {
         }
         let handle = SignerHandle(Arc::new(key));
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), handle)?;
+        let chain_pem = std::iter::once(&cert_der)
+            .chain(chain_above.iter())
+            .map(|c| crate::pem::certificate(c))
+            .collect();
+        let roots_pem = roots.iter().map(|r| crate::pem::certificate(r)).collect();
         Ok(CertificateAuthority {
             issuer,
             cert_der,
             facts,
             chain_above,
             roots,
+            chain_pem,
+            roots_pem,
             rng: SystemRandom::new(),
         })
     }
@@ -203,6 +213,16 @@ impl CertificateAuthority {
     /// root last.
     pub fn ca_chain(&self) -> impl Iterator<Item = &[u8]> {
         std::iter::once(self.cert_der.as_slice()).chain(self.chain_above.iter().map(Vec::as_slice))
+    }
+
+    /// [`CertificateAuthority::ca_chain`] as PEM, one certificate per element.
+    pub fn ca_chain_pem(&self) -> &[String] {
+        &self.chain_pem
+    }
+
+    /// The trust bundle as one PEM text (what `root-cert.pem` holds).
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
     }
 
     /// Whether the signing CA is itself a (self-signed) root.

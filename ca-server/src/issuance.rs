@@ -68,20 +68,6 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 impl Issuance {
-    /// PEM of the CA chain after a leaf.
-    pub fn ca_chain_pem(&self) -> Vec<String> {
-        self.ca.ca_chain().map(ca_core::pem::certificate).collect()
-    }
-
-    /// PEM of the trust bundle.
-    pub fn roots_pem(&self) -> String {
-        self.ca
-            .roots()
-            .iter()
-            .map(|r| ca_core::pem::certificate(r))
-            .collect()
-    }
-
     /// Serves one gRPC CSR: authenticate, then [`Issuance::sign_for`].
     pub async fn handle_csr(
         &self,
@@ -225,7 +211,7 @@ impl Issuance {
         tracing::debug!(api, identity = %caller.identity, serial = %facts.serial, not_after = %facts.not_after, "issued");
         count(api, "issued", authenticator, "", started);
         Ok(Granted {
-            ca_chain_pem: self.ca_chain_pem(),
+            ca_chain_pem: self.ca.ca_chain_pem().to_vec(),
             signer_is_root: self.ca.signer_is_root(),
             issued,
         })

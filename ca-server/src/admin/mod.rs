@@ -194,7 +194,7 @@ impl AdminService {
                 chain.extend(granted.ca_chain_pem);
                 AdminResponse::Signed {
                     cert_chain_pem: chain,
-                    root_cert_pem: self.issuance.roots_pem(),
+                    root_cert_pem: self.issuance.ca.roots_pem().to_owned(),
                     serial: granted.issued.facts.serial.clone(),
                     not_after: crate::issuance::rfc3339(granted.issued.facts.not_after),
                     spiffe_id: caller.identity.to_string(),

@@ -80,8 +80,6 @@ pub struct SecretController {
     trust_domain: String,
     audit: AuditWriter,
     cfg: ControllerConfig,
-    roots_pem: String,
-    chain_pem: String,
     queue: Mutex<Queue>,
     wake: Notify,
 }
@@ -116,20 +114,12 @@ impl SecretController {
         audit: AuditWriter,
         cfg: ControllerConfig,
     ) -> Self {
-        let roots_pem: String = ca
-            .roots()
-            .iter()
-            .map(|r| ca_core::pem::certificate(r))
-            .collect();
-        let chain_pem: String = ca.ca_chain().map(ca_core::pem::certificate).collect();
         SecretController {
             client,
             ca,
             trust_domain: trust_domain.to_owned(),
             audit,
             cfg,
-            roots_pem,
-            chain_pem,
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
         }
@@ -372,7 +362,7 @@ impl SecretController {
 
     /// When a Secret's certificate must be replaced, or now if it must be replaced now.
     fn rotation_time(&self, secret: &Secret) -> Option<OffsetDateTime> {
-        if data(secret, "root-cert.pem").as_deref() != Some(self.roots_pem.as_str()) {
+        if data(secret, "root-cert.pem").as_deref() != Some(self.ca.roots_pem()) {
             return None;
         }
         let chain = data(secret, "cert-chain.pem")?;
@@ -514,11 +504,13 @@ impl SecretController {
             ),
             (
                 "cert-chain.pem".to_string(),
-                ByteString(format!("{}{}", issued.pem(), self.chain_pem).into_bytes()),
+                ByteString(
+                    format!("{}{}", issued.pem(), self.ca.ca_chain_pem().concat()).into_bytes(),
+                ),
             ),
             (
                 "root-cert.pem".to_string(),
-                ByteString(self.roots_pem.clone().into_bytes()),
+                ByteString(self.ca.roots_pem().to_owned().into_bytes()),
             ),
         ]))
     }
@@ -532,7 +524,8 @@ impl SecretController {
             return;
         }
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let desired_data = BTreeMap::from([("root-cert.pem".to_string(), self.roots_pem.clone())]);
+        let desired_data =
+            BTreeMap::from([("root-cert.pem".to_string(), self.ca.roots_pem().to_owned())]);
         let labels = BTreeMap::from([("istio.io/config".to_string(), "true".to_string())]);
         let result = match api.get_opt(ROOT_CONFIGMAP).await {
             Ok(Some(cm))
