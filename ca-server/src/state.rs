@@ -83,6 +83,26 @@ fn load_certs(path: &Path) -> Result<Vec<Vec<u8>>, StateError> {
     Ok(certs.into_iter().map(|c| c.as_ref().to_vec()).collect())
 }
 
+/// A fresh self-signed root and the PEM of its key (to be persisted by the caller).
+fn new_root(
+    key: KeyAlgorithm,
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<(CertificateAuthority, String), StateError> {
+    let key_pair = key
+        .generate()
+        .map_err(|e| StateError::Invalid(format!("key generation: {e}")))?;
+    let key_pem = key_pair.serialize_pem();
+    let ca = CertificateAuthority::new_self_signed_root(
+        key_pair,
+        trust_domain,
+        OffsetDateTime::now_utc(),
+        lifetime,
+    )
+    .map_err(|e| StateError::Invalid(e.to_string()))?;
+    Ok((ca, key_pem))
+}
+
 /// Loads the CA, creating a self-signed root on first start.
 pub fn load_or_create(
     state_dir: &Path,
@@ -113,25 +133,11 @@ pub fn load_or_create(
                     Ok(ca)
                 }
                 (false, false) => {
-                    let key_pair = key
-                        .generate()
-                        .map_err(|e| StateError::Invalid(format!("key generation: {e}")))?;
-                    let key_pem = key_pair.serialize_pem();
-                    let ca = CertificateAuthority::new_self_signed_root(
-                        key_pair,
-                        trust_domain,
-                        OffsetDateTime::now_utc(),
-                        *lifetime,
-                    )
-                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                    let (ca, key_pem) = new_root(*key, trust_domain, *lifetime)?;
                     // Key first: a crash in between leaves a key without a certificate,
                     // which the next start refuses loudly rather than minting a second root.
                     write(&key_path, key_pem.as_bytes(), 0o600)?;
-                    write(
-                        &cert_path,
-                        ca_core::pem::certificate(ca.cert_der()).as_bytes(),
-                        0o644,
-                    )?;
+                    write(&cert_path, ca.roots_pem().as_bytes(), 0o644)?;
                     tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "created self-signed root");
                     Ok(ca)
                 }
@@ -224,17 +230,7 @@ pub async fn load_or_create_in_cluster(
         tracing::info!(serial = %ca.facts().serial, not_after = %ca.facts().not_after, "loaded the root from Secret {namespace}/{ROOT_SECRET}");
         return Ok(ca);
     }
-    let key_pair = key
-        .generate()
-        .map_err(|e| StateError::Invalid(format!("key generation: {e}")))?;
-    let key_pem = key_pair.serialize_pem();
-    let ca = CertificateAuthority::new_self_signed_root(
-        key_pair,
-        trust_domain,
-        OffsetDateTime::now_utc(),
-        lifetime,
-    )
-    .map_err(|e| StateError::Invalid(e.to_string()))?;
+    let (ca, key_pem) = new_root(key, trust_domain, lifetime)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(ROOT_SECRET.into()),
@@ -246,7 +242,7 @@ pub async fn load_or_create_in_cluster(
             [
                 (
                     "ca-cert.pem".to_string(),
-                    ByteString(ca_core::pem::certificate(ca.cert_der()).into_bytes()),
+                    ByteString(ca.roots_pem().as_bytes().to_vec()),
                 ),
                 ("ca-key.pem".to_string(), ByteString(key_pem.into_bytes())),
             ]
