@@ -587,36 +587,16 @@ fn offline(state_dir: &Path, req: AdminRequest) -> Result<AdminResponse, String>
             report: store.verify().map_err(|e| e.to_string())?,
         },
         AdminRequest::Revoke { serial, reason } => {
-            let serial = ca_core::x509::normalise_serial(&serial);
-            let issued = store
-                .issued_record(&serial)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| {
-                    format!(
-                        "serial {serial} was not issued by this CA (it is not in the audit log)"
-                    )
-                })?;
-            if let Some(r) = store.revocation(&serial).map_err(|e| e.to_string())? {
-                return Err(format!(
-                    "serial {serial} is already revoked (audit record {})",
-                    r.seq
-                ));
-            }
             let uid = std::fs::metadata("/proc/self")
                 .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
                 .unwrap_or(u32::MAX);
-            let decision = crate::audit::Decision {
-                api: Some(crate::audit::Api::Admin),
-                outcome: Some(Outcome::Revoked),
-                reason: Some("admin_revocation".into()),
-                detail: Some(reason.clone()),
-                authenticator: Some("offline-cli".into()),
-                caller: Some(format!("uid:{uid}")),
-                serial: Some(serial.clone()),
-                spiffe_id: issued.decision.spiffe_id,
-                not_after: issued.decision.not_after,
-                ..Default::default()
-            };
+            let (serial, decision) = crate::admin::revocation_decision(
+                &store,
+                &serial,
+                &reason,
+                "offline-cli",
+                format!("uid:{uid}"),
+            )?;
             let mut results = store.write_batch(vec![crate::audit::Append {
                 decision,
                 revoke: Some((serial, reason)),

@@ -245,3 +245,39 @@ async fn revocation_survives_restart() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }
+
+/// With the server stopped, `revoke` opens the store itself; the revocation is audited
+/// and in force when the server starts again.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_revocation_takes_effect_on_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ca = CaProcess::start(&tmp.path().join("state"), &[]);
+    let (chain, key) = ca.export_bundle("vm", "offline", "1h", &tmp.path().join("b"));
+    let serial = {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+        pem.parse_x509()
+            .unwrap()
+            .tbs_certificate
+            .raw_serial_as_string()
+    };
+    ca.stop();
+    let out = ca.cli(&["revoke", &serial, "--reason", "stolen laptop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = ca.cli(&["revoke", &serial, "--reason", "twice"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already revoked"));
+    ca.restart();
+    let revs = ca.audit_records(&["--outcome", "revoked"]);
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0]["authenticator"], "offline-cli");
+    let ch = ca.channel(Some((&chain, &key))).await;
+    let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let err = modern(&ch)
+        .create_certificate(req(csr, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}

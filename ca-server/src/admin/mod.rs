@@ -99,6 +99,47 @@ fn error(message: impl Into<String>) -> AdminResponse {
     }
 }
 
+/// Checks a revocation request against the log (the serial is ours and not yet
+/// revoked) and builds its decision; shared by the admin socket and the offline CLI.
+/// Returns the normalised serial and the decision to record.
+pub fn revocation_decision(
+    store: &crate::audit::AuditStore,
+    serial: &str,
+    reason: &str,
+    authenticator: &str,
+    caller: String,
+) -> Result<(String, Decision), String> {
+    let serial = ca_core::x509::parse_serial(serial)?;
+    if reason.trim().is_empty() {
+        return Err("a revocation needs a --reason".into());
+    }
+    let issued = store
+        .issued_record(&serial)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!("serial {serial} was not issued by this CA (it is not in the audit log)")
+        })?;
+    if let Some(r) = store.revocation(&serial).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "serial {serial} is already revoked (audit record {})",
+            r.seq
+        ));
+    }
+    let decision = Decision {
+        api: Some(Api::Admin),
+        outcome: Some(Outcome::Revoked),
+        reason: Some("admin_revocation".into()),
+        detail: Some(reason.to_owned()),
+        authenticator: Some(authenticator.to_owned()),
+        caller: Some(caller),
+        serial: Some(serial.clone()),
+        spiffe_id: issued.decision.spiffe_id,
+        not_after: issued.decision.not_after,
+        ..Default::default()
+    };
+    Ok((serial, decision))
+}
+
 /// Executes admin requests against the running CA.
 #[derive(Clone)]
 pub struct AdminService {
@@ -205,45 +246,12 @@ impl AdminService {
     }
 
     async fn revoke(&self, serial: String, reason: String, admin: String) -> AdminResponse {
-        let serial = match ca_core::x509::parse_serial(&serial) {
-            Ok(s) => s,
-            Err(e) => return error(e),
-        };
-        if reason.trim().is_empty() {
-            return error("a revocation needs a --reason");
-        }
         let store = self.issuance.audit.store();
-        let issued = match store.issued_record(&serial) {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return error(format!(
-                    "serial {serial} was not issued by this CA (it is not in the audit log)"
-                ));
-            }
-            Err(e) => return error(e.to_string()),
-        };
-        match store.revocation(&serial) {
-            Ok(Some(r)) => {
-                return error(format!(
-                    "serial {serial} is already revoked (audit record {})",
-                    r.seq
-                ));
-            }
-            Ok(None) => {}
-            Err(e) => return error(e.to_string()),
-        }
-        let decision = Decision {
-            api: Some(Api::Admin),
-            outcome: Some(Outcome::Revoked),
-            reason: Some("admin_revocation".into()),
-            detail: Some(reason.clone()),
-            authenticator: Some("admin-socket".into()),
-            caller: Some(admin),
-            serial: Some(serial.clone()),
-            spiffe_id: issued.decision.spiffe_id,
-            not_after: issued.decision.not_after,
-            ..Default::default()
-        };
+        let (serial, decision) =
+            match revocation_decision(store, &serial, &reason, "admin-socket", admin) {
+                Ok(d) => d,
+                Err(e) => return error(e),
+            };
         match self
             .issuance
             .audit
