@@ -208,18 +208,10 @@ fn ms(d: Duration) -> String {
 async fn main() {
     e2e::install_crypto();
     let args = Args::parse();
-    let bin = args.ca_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("ca-server")
-    });
-    assert!(
-        bin.exists(),
-        "{} not found: build it with cargo build --release -p ca-server",
-        bin.display()
-    );
+    let bin = args
+        .ca_bin
+        .clone()
+        .unwrap_or_else(|| e2e::sibling_bin("ca-server"));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

@@ -45,13 +45,10 @@ fn identity_secrets(api: &KubeApi) -> usize {
 async fn main() {
     e2e::install_crypto();
     let args = Args::parse();
-    let bin = args.ca_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("ca-server")
-    });
+    let bin = args
+        .ca_bin
+        .clone()
+        .unwrap_or_else(|| e2e::sibling_bin("ca-server"));
     let api = KubeApi::start().await;
     let client = kube::Client::try_from(kube::Config::new(
         format!("http://{}", api.addr).parse().unwrap(),

@@ -59,6 +59,19 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// A binary built next to the running one (the benchmarks run from target/release),
+/// checked to exist.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own executable path");
+    let bin = exe.parent().expect("target directory").join(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release -p ca-server -p ca-bench)",
+        bin.display()
+    );
+    bin
+}
+
 /// A running `ca-server serve` on loopback, killed when dropped.
 pub struct CaProcess {
     child: Option<Child>,
