@@ -4,7 +4,7 @@
 //! and any other requested extension are deliberately ignored: the identity comes from
 //! the authenticated caller (WIRE.md §3).
 
-use der::{Decode, Encode, Reader, SliceReader};
+use der::{Decode, Reader, SliceReader};
 use ring::signature as sig;
 use x509_cert::request::CertReq;
 
@@ -132,14 +132,10 @@ fn verification_algorithm(
     })
 }
 
-/// Re-encodes the DER of a parsed request; used by tests that tamper with a CSR.
-pub fn reencode(req: &CertReq) -> Result<Vec<u8>, der::Error> {
-    req.to_der()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use der::Encode;
     use rcgen::{CertificateParams, KeyPair};
 
     fn csr_for(alg: &'static rcgen::SignatureAlgorithm) -> (KeyPair, Vec<u8>) {
@@ -185,7 +181,7 @@ mod tests {
         let mut req = CertReq::from_der(&der).unwrap();
         // Change the signed content (the subject) but keep the old signature.
         req.info.subject = x509_cert::name::Name::default();
-        let tampered = reencode(&req).unwrap();
+        let tampered = req.to_der().unwrap();
         assert_eq!(verify(&tampered).unwrap_err(), IssueError::BadCsrSignature);
     }
 }

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::ca_client::{self, CaEndpoint, CallError};
-use crate::credential::{CertDir, Credential, Found};
+use crate::credential::{CertDir, Credential, CredentialSource, Found};
 use crate::publish::{self, Bundle};
 use crate::schedule::{Backoff, RenewalSchedule};
 use crate::status::{Status, rfc3339};
@@ -171,17 +171,17 @@ pub async fn run(cfg: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Exit 
 /// on GCE), then the bootstrap bundle.
 async fn renew(cfg: &AgentConfig) -> Result<Renewed, RenewError> {
     let now = OffsetDateTime::now_utc();
-    let mut found: Vec<(&'static str, Found)> = vec![(
-        "current",
-        crate::credential::read_dir("current", &cfg.certs_dir),
-    )];
+    // Best first: the current certificate (mutual TLS), a GCE token, the bootstrap bundle.
+    let mut sources: Vec<Box<dyn CredentialSource>> =
+        vec![Box::new(CertDir::new("current", &cfg.certs_dir))];
     if let Some(gce) = &cfg.gce {
-        found.push(("GCE token", gce.credential().await));
+        sources.push(Box::new(gce.clone()));
     }
-    found.push((
-        "bootstrap",
-        crate::credential::read_dir("bootstrap", &cfg.bootstrap_dir),
-    ));
+    sources.push(Box::new(CertDir::new("bootstrap", &cfg.bootstrap_dir)));
+    let mut found = Vec::with_capacity(sources.len());
+    for source in &sources {
+        found.push((source.name(), source.load().await));
+    }
 
     let mut candidates: Vec<Credential> = Vec::new();
     let mut notes = Vec::new();

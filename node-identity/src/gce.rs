@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use time::OffsetDateTime;
 
-use crate::credential::{Credential, Found, Proof};
+use crate::credential::{Credential, CredentialSource, Found, Proof};
 
 /// Where the metadata server is and what to ask it.
 #[derive(Clone, Debug)]
@@ -122,4 +122,16 @@ fn token_times(token: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let at = |k: &str| OffsetDateTime::from_unix_timestamp(v.get(k)?.as_i64()?).ok();
     Some((at("iat")?, at("exp")?))
+}
+
+impl CredentialSource for GceSettings {
+    fn name(&self) -> &'static str {
+        "GCE token"
+    }
+
+    fn load<'a>(
+        &'a self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Found> + Send + 'a>> {
+        Box::pin(self.credential())
+    }
 }
