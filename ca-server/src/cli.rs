@@ -449,6 +449,26 @@ pub fn serve_config(
     })
 }
 
+/// A write past the process's file-size limit (`ulimit -f`, `RLIMIT_FSIZE`) raises
+/// SIGXFSZ, whose default action kills the process. Handling it turns that into a failed
+/// write (EFBIG), which the audit writer treats like a full disk: it refuses to issue,
+/// says so on /readyz, and keeps what it already acknowledged.
+fn survive_file_size_limit() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::error!(
+                        "a file reached the process's size limit (SIGXFSZ); writes to it fail"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ"),
+    }
+}
+
 async fn serve(cfg: ServeConfig) -> ExitCode {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -467,6 +487,7 @@ async fn serve(cfg: ServeConfig) -> ExitCode {
         tracing::info!("signal received");
         let _ = tx.send(true);
     });
+    survive_file_size_limit();
     match server::run(cfg, rx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => runtime_error(e),

@@ -10,21 +10,43 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Why the server is not ready yet; `None` when it is.
+use crate::audit::AuditHealth;
+
+/// Why the server is not ready; `None` when it is. Ready means started, not shutting
+/// down, and the audit store's last write succeeded (no record, no certificate).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<RwLock<Option<String>>>);
+pub struct Readiness {
+    reason: Arc<RwLock<Option<String>>>,
+    audit: Arc<OnceLock<AuditHealth>>,
+}
 
 impl Readiness {
     /// Not ready, because of `why`.
     pub fn starting(why: &str) -> Self {
-        Readiness(Arc::new(RwLock::new(Some(why.to_owned()))))
+        Readiness {
+            reason: Arc::new(RwLock::new(Some(why.to_owned()))),
+            audit: Arc::default(),
+        }
     }
     /// Sets the reason (or `None` for ready).
     pub fn set(&self, why: Option<String>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = why;
+        *self.reason.write().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+    /// From now on, a failing audit store also makes the server not ready.
+    pub fn track_audit(&self, health: AuditHealth) {
+        let _ = self.audit.set(health);
     }
     fn get(&self) -> Option<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let reason = self
+            .reason
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        reason.or_else(|| {
+            self.audit.get()?.failure().map(|why| {
+                format!("the audit store cannot record decisions, so nothing is issued ({why})")
+            })
+        })
     }
 }
 

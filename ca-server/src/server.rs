@@ -135,6 +135,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
 
     let store = Arc::new(AuditStore::open(&cfg.state_dir.join("audit"))?);
     let (audit, audit_task) = AuditWriter::start(store.clone());
+    ready.track_audit(audit.health());
     let needs_kube = cfg.kubernetes_audiences.is_some()
         || cfg.secret_controller.is_some()
         || matches!(cfg.ca_source, CaSource::KubernetesSecret { .. });

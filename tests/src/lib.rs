@@ -224,6 +224,13 @@ impl CaProcess {
         std::fs::read_to_string(self.state_dir.join("ca/ca-cert.pem")).expect("root certificate")
     }
 
+    /// Whether the process is still running (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL, no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -586,4 +593,77 @@ pub async fn create_with_bearer(ch: &Channel, token: &str) -> Result<Vec<String>
         .create_certificate(req)
         .await
         .map(|r| r.into_inner().cert_chain)
+}
+
+/// A plain HTTP/1.1 GET: status code and the whole response text.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, text)
+}
+
+/// The serial (normalised lowercase hex) of the first certificate in `pem`.
+pub fn serial_of(pem: &str) -> String {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    ca_core::x509::normalise_serial(
+        &p.parse_x509()
+            .unwrap()
+            .tbs_certificate
+            .raw_serial_as_string(),
+    )
+}
+
+/// Clients issuing certificates concurrently until each is refused (see [`Issuers::spawn`]).
+pub struct Issuers {
+    tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Option<tonic::Status>)>>,
+}
+
+impl Issuers {
+    /// Starts `clients` tasks on `ch`, each with its own P-256 CSR, each sending
+    /// `CreateCertificate` until the first error or `max_each` requests (bounded).
+    pub fn spawn(ch: &Channel, clients: usize, max_each: usize) -> Issuers {
+        let tasks = (0..clients)
+            .map(|_| {
+                let ch = ch.clone();
+                let csr = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1;
+                tokio::spawn(async move {
+                    let mut serials = Vec::new();
+                    for _ in 0..max_each {
+                        let request = istio_ca_proto::IstioCertificateRequest {
+                            csr: csr.clone(),
+                            validity_duration: 0,
+                            metadata: None,
+                        };
+                        match modern(&ch).create_certificate(request).await {
+                            Ok(r) => serials.push(serial_of(&r.into_inner().cert_chain[0])),
+                            Err(status) => return (serials, Some(status)),
+                        }
+                    }
+                    (serials, None)
+                })
+            })
+            .collect();
+        Issuers { tasks }
+    }
+
+    /// Waits for every client: the serials they received, and the errors that stopped
+    /// them.
+    pub async fn join(self) -> (std::collections::BTreeSet<String>, Vec<tonic::Status>) {
+        let mut received = std::collections::BTreeSet::new();
+        let mut errors = Vec::new();
+        for t in self.tasks {
+            let (serials, error) = t.await.expect("issuing client panicked");
+            received.extend(serials);
+            errors.extend(error);
+        }
+        (received, errors)
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::process::{Command, Stdio};
 
-use e2e::{CaProcess, workspace_bin};
+use e2e::{CaProcess, http_get, workspace_bin};
 
 fn serve_with(args: &[&str]) -> std::process::Output {
     let tmp = tempfile::tempdir().unwrap();
@@ -79,20 +79,6 @@ fn help_explains_every_serve_flag() {
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
     }
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, text)
 }
 
 #[tokio::test(flavor = "multi_thread")]

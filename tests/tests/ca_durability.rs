@@ -1,21 +1,9 @@
 //! Durability and tamper evidence of the audit log.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e::{CaProcess, hostile_csr, modern, run_cli};
-use istio_ca_proto::IstioCertificateRequest;
-
-fn serial_of(pem: &str) -> String {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-    ca_core::x509::normalise_serial(
-        &p.parse_x509()
-            .unwrap()
-            .tbs_certificate
-            .raw_serial_as_string(),
-    )
-}
+use e2e::{CaProcess, Issuers, run_cli};
 
 /// SIGKILL while clients are being served: every serial any client received is in the
 /// audit store after restart, and the chain verifies.
@@ -25,42 +13,11 @@ async fn every_delivered_certificate_survives_sigkill() {
     let mut ca = CaProcess::start(&tmp.path().join("state"), &[]);
     let (chain, key) = ca.export_bundle("vm", "load", "1h", &tmp.path().join("b"));
     let ch = ca.channel(Some((&chain, &key))).await;
-    let received = Arc::new(Mutex::new(BTreeSet::new()));
-    let csrs: Vec<String> = (0..8)
-        .map(|_| hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1)
-        .collect();
-    let mut clients = Vec::new();
-    for csr in csrs {
-        let ch = ch.clone();
-        let received = received.clone();
-        clients.push(tokio::spawn(async move {
-            // Bounded: at most 2,000 requests per client, stops at the first error.
-            for _ in 0..2000 {
-                let r = modern(&ch)
-                    .create_certificate(IstioCertificateRequest {
-                        csr: csr.clone(),
-                        validity_duration: 0,
-                        metadata: None,
-                    })
-                    .await;
-                match r {
-                    Ok(resp) => {
-                        received
-                            .lock()
-                            .unwrap()
-                            .insert(serial_of(&resp.into_inner().cert_chain[0]));
-                    }
-                    Err(_) => break,
-                }
-            }
-        }));
-    }
+    // Bounded: at most 2,000 requests per client, each stops at its first error.
+    let clients = Issuers::spawn(&ch, 8, 2000);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ca.kill();
-    for c in clients {
-        c.await.unwrap();
-    }
-    let received = received.lock().unwrap().clone();
+    let (received, _) = clients.join().await;
     assert!(
         received.len() >= 20,
         "clients got only {} certificates before the kill",

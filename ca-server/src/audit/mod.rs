@@ -9,4 +9,4 @@ pub use record::{Api, AuditRecord, Decision, GENESIS_HASH, Outcome};
 pub use store::{
     Append, AuditError, AuditStore, ListFilter, Revocation, VerifyReport, now_rfc3339,
 };
-pub use writer::AuditWriter;
+pub use writer::{AuditHealth, AuditWriter};

@@ -2,8 +2,8 @@
 //! flushes once and answers them all. Durability costs one fsync per batch, not per
 //! request, and concurrent requests never wait on each other's fsyncs one by one.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -15,12 +15,34 @@ const MAX_BATCH: usize = 1024;
 
 type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
 
+/// Whether the last batch could be made durable; read by `/readyz`.
+#[derive(Clone, Debug, Default)]
+pub struct AuditHealth(Arc<RwLock<Option<String>>>);
+
+impl AuditHealth {
+    /// Why the last batch failed, or `None` when it was written.
+    pub fn failure(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, failure: Option<String>) {
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match (&*current, &failure) {
+            (Some(_), None) => tracing::info!("the audit store is writable again"),
+            (None, Some(why)) => tracing::error!(error = %why, "the audit store cannot write"),
+            _ => {}
+        }
+        *current = failure;
+    }
+}
+
 /// Handle to the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditWriter {
     tx: mpsc::Sender<(Append, Reply)>,
     store: Arc<AuditStore>,
     flushes: Arc<AtomicU64>,
+    health: AuditHealth,
 }
 
 impl AuditWriter {
@@ -29,8 +51,22 @@ impl AuditWriter {
     pub fn start(store: Arc<AuditStore>) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let flushes = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run(store.clone(), rx, flushes.clone()));
-        (AuditWriter { tx, store, flushes }, task)
+        let health = AuditHealth::default();
+        let task = tokio::spawn(run(store.clone(), rx, flushes.clone(), health.clone()));
+        (
+            AuditWriter {
+                tx,
+                store,
+                flushes,
+                health,
+            },
+            task,
+        )
+    }
+
+    /// Whether decisions are being recorded.
+    pub fn health(&self) -> AuditHealth {
+        self.health.clone()
     }
 
     /// The underlying store (for queries).
@@ -80,6 +116,7 @@ async fn run(
     store: Arc<AuditStore>,
     mut rx: mpsc::Receiver<(Append, Reply)>,
     flushes: Arc<AtomicU64>,
+    health: AuditHealth,
 ) {
     let mut appends = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
@@ -105,6 +142,15 @@ async fn run(
         flushes.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("ca_audit_flush_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        let write_error = results.iter().find_map(|r| match r {
+            Err(AuditError::Io(e)) => Some(e.clone()),
+            _ => None,
+        });
+        health.set(match (&flushed, write_error) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(_), Some(e)) => Some(format!("audit store I/O error: {e}")),
+            (Ok(_), None) => None,
+        });
         match flushed {
             Ok(_) => {
                 let written: Vec<AuditRecord> = results
@@ -117,7 +163,7 @@ async fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit flush failed: refusing the requests of this batch");
+                tracing::warn!(error = %e, records = replies.len(), "audit flush failed: refusing the requests of this batch");
                 metrics::counter!("ca_audit_flush_failures_total").increment(1);
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(AuditError::Io(e.to_string())));
