@@ -6,13 +6,17 @@
 //! `cargo build --release -p ca-server -p ca-bench && target/release/ca-bench`
 #![forbid(unsafe_code)]
 
+mod grpc_h2;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ca_core::{CertificateAuthority, IssuancePolicy, SpiffeId};
 use clap::Parser;
 use e2e::CaProcess;
+use grpc_h2::Connection;
 use istio_ca_proto::IstioCertificateRequest;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
@@ -42,6 +46,8 @@ struct Level {
     concurrency: usize,
     /// CPU seconds the server process used per second of wall time.
     server_cores: f64,
+    /// The same for this load tool.
+    client_cores: f64,
     requests: usize,
     errors: usize,
     per_sec: f64,
@@ -127,8 +133,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 async fn run_level(
     server_pid: u32,
-    channels: &[tonic::transport::Channel],
-    csrs: Arc<Vec<String>>,
+    connections: &[Connection],
+    requests: Arc<Vec<Bytes>>,
     concurrency: usize,
     window: Duration,
     max_requests: usize,
@@ -136,17 +142,17 @@ async fn run_level(
 ) -> Level {
     let started = Instant::now();
     let cpu_before = cpu_seconds(server_pid);
+    let own_before = cpu_seconds(std::process::id());
     let deadline = started + window;
     let budget = Arc::new(std::sync::atomic::AtomicUsize::new(max_requests));
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let ch = channels[w % channels.len()].clone();
-        let csrs = csrs.clone();
+        let conn = connections[w % connections.len()].clone();
+        let requests = requests.clone();
         let budget = budget.clone();
         // Open loop when a rate is given: each worker sends at rate/concurrency.
         let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
         tasks.push(tokio::spawn(async move {
-            let mut client = e2e::modern(&ch);
             let mut lat = Vec::new();
             let mut errors = 0usize;
             let mut i = w;
@@ -162,17 +168,10 @@ async fn run_level(
                     tokio::time::sleep_until(next.into()).await;
                     next += iv;
                 }
-                let csr = csrs[i % csrs.len()].clone();
+                let request = requests[i % requests.len()].clone();
                 i += concurrency;
                 let t = Instant::now();
-                match client
-                    .create_certificate(IstioCertificateRequest {
-                        csr,
-                        validity_duration: 0,
-                        metadata: None,
-                    })
-                    .await
-                {
+                match conn.create_certificate(request).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -192,6 +191,7 @@ async fn run_level(
     Level {
         concurrency,
         server_cores: (cpu_seconds(server_pid) - cpu_before) / elapsed,
+        client_cores: (cpu_seconds(std::process::id()) - own_before) / elapsed,
         requests: all.len(),
         errors,
         per_sec: all.len() as f64 / elapsed,
@@ -225,17 +225,32 @@ async fn main() {
     let ca = CaProcess::start_bin(bin, &tmp.path().join("state"), &["--max-ttl", "24h"]);
     let pid = ca.pid().expect("server running");
     let (chain, key) = ca.export_bundle("bench", "load", "24h", &tmp.path().join("bundle"));
-    let mut channels = Vec::new();
+    let root = ca.root_pem();
+    let mut connections = Vec::new();
     for _ in 0..4 {
-        channels.push(ca.channel(Some((&chain, &key))).await);
+        connections.push(
+            Connection::open(ca.grpc, &root, &chain, &key)
+                .await
+                .expect("connect to the CA"),
+        );
     }
-    let csrs = Arc::new(csrs);
+    let requests: Arc<Vec<Bytes>> = Arc::new(
+        csrs.iter()
+            .map(|csr| {
+                grpc_h2::frame(&IstioCertificateRequest {
+                    csr: csr.clone(),
+                    validity_duration: 0,
+                    metadata: None,
+                })
+            })
+            .collect(),
+    );
     let window = Duration::from_secs(args.seconds);
     // Warm-up: connections, caches, allocator.
     run_level(
         pid,
-        &channels,
-        csrs.clone(),
+        &connections,
+        requests.clone(),
         8,
         Duration::from_secs(1),
         5_000,
@@ -247,8 +262,8 @@ async fn main() {
         levels.push(
             run_level(
                 pid,
-                &channels,
-                csrs.clone(),
+                &connections,
+                requests.clone(),
                 c,
                 window,
                 args.max_requests,
@@ -264,8 +279,8 @@ async fn main() {
     let half = best.per_sec / 2.0;
     let at_half = run_level(
         pid,
-        &channels,
-        csrs.clone(),
+        &connections,
+        requests.clone(),
         best.concurrency,
         window,
         args.max_requests,
@@ -287,12 +302,12 @@ async fn main() {
     );
     println!();
     println!(
-        "| concurrency | requests | errors | certs/s | p50 ms | p99 ms | % of crypto ceiling | server cores busy | certs/s per server core |"
+        "| concurrency | requests | errors | certs/s | p50 ms | p99 ms | % of crypto ceiling | server cores busy | load-tool cores busy | certs/s per server core |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for l in &levels {
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {:.0}% | {:.2} | {:.0} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0}% | {:.2} | {:.2} | {:.0} |",
             l.concurrency,
             l.requests,
             l.errors,
@@ -301,6 +316,7 @@ async fn main() {
             ms(l.p99),
             100.0 * l.per_sec / ceiling,
             l.server_cores,
+            l.client_cores,
             l.per_sec / l.server_cores.max(0.01)
         );
     }

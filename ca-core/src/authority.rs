@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::csr::{self, KeyKind};
 use crate::error::IssueError;
 use crate::keys::PublicKey;
+use crate::leaf::LeafProfile;
 use crate::policy::{IssuancePolicy, Validity};
 use crate::spiffe::SpiffeId;
 use crate::x509::{self, CertFacts};
@@ -96,6 +97,8 @@ pub struct CertificateAuthority {
     /// PEM forms, encoded once: every answer carries them.
     chain_pem: Vec<String>,
     roots_pem: String,
+    /// What every SPIFFE leaf of this CA shares (see [`crate::leaf`]).
+    leaf: LeafProfile,
     rng: SystemRandom,
 }
 
@@ -110,13 +113,14 @@ impl fmt::Debug for CertificateAuthority {
     }
 }
 
-fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, IssueError> {
+/// A fresh serial: 16 bytes, positive and of fixed length (126 random bits), so its DER
+/// INTEGER needs no leading zero.
+fn random_serial(rng: &SystemRandom) -> Result<[u8; 16], IssueError> {
     let mut bytes = [0u8; 16];
     rng.fill(&mut bytes)
         .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
-    // Positive and of fixed length: 126 random bits.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    Ok(SerialNumber::from_slice(&bytes))
+    Ok(bytes)
 }
 
 impl CertificateAuthority {
@@ -145,8 +149,9 @@ impl CertificateAuthority {
         ];
         params.not_before = now - crate::policy::BACKDATE;
         params.not_after = now + lifetime;
-        params.serial_number =
-            Some(random_serial(&rng).map_err(|e| AuthorityError::Certificate(e.to_string()))?);
+        params.serial_number = Some(SerialNumber::from_slice(
+            &random_serial(&rng).map_err(|e| AuthorityError::Certificate(e.to_string()))?,
+        ));
         let cert = params.self_signed(&key)?;
         let der = cert.der().to_vec();
         Self::from_parts(der.clone(), key, Vec::new(), vec![der])
@@ -176,7 +181,8 @@ impl CertificateAuthority {
             ));
         }
         let handle = SignerHandle(Arc::new(key));
-        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), handle)?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), handle.clone())?;
+        let leaf = prototype_profile(&issuer, &handle, &facts)?;
         let chain_pem = std::iter::once(&cert_der)
             .chain(chain_above.iter())
             .map(|c| crate::pem::certificate(c))
@@ -190,6 +196,7 @@ impl CertificateAuthority {
             roots,
             chain_pem,
             roots_pem,
+            leaf,
             rng: SystemRandom::new(),
         })
     }
@@ -257,15 +264,17 @@ impl CertificateAuthority {
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
         let validity = self.validity(ttl, now)?;
-        let params = self.leaf_template(
-            public_key.kind,
-            vec![SanType::URI(
-                identity.as_str().try_into().map_err(internal)?,
-            )],
-            validity,
-        )?;
-        let issued = self.sign(&params, public_key)?;
-        self.recheck_spiffe_leaf(&issued.facts, identity, public_key, validity)?;
+        let serial = random_serial(&self.rng)?;
+        if !identity.as_str().is_ascii() {
+            return Err(IssueError::Internal("SPIFFE ID is not ASCII".into()));
+        }
+        let spki = public_key.spki_der();
+        let tbs = self
+            .leaf
+            .tbs(&serial, validity, &spki, public_key.kind, identity.as_str());
+        let signature = self.issuer.key().sign(&tbs).map_err(internal)?;
+        let issued = inspected(self.leaf.certificate(&tbs, &signature))?;
+        self.recheck_spiffe_leaf(&issued.facts, identity, &spki, validity)?;
         Ok(issued)
     }
 
@@ -287,7 +296,12 @@ impl CertificateAuthority {
                 })
             })
             .collect::<Result<Vec<_>, IssueError>>()?;
-        let params = self.leaf_template(public_key.kind, sans, validity)?;
+        let params = leaf_template(
+            public_key.kind,
+            sans,
+            validity,
+            SerialNumber::from_slice(&random_serial(&self.rng)?),
+        );
         let issued = self.sign(&params, public_key)?;
         if issued.facts.is_ca || issued.facts.san_count != dns_names.len() {
             return Err(IssueError::Internal(
@@ -301,39 +315,7 @@ impl CertificateAuthority {
         IssuancePolicy::validity(ttl, now, self.facts.not_before, self.facts.not_after)
     }
 
-    /// Step 1: the template, from policy and identity only.
-    fn leaf_template(
-        &self,
-        kind: KeyKind,
-        sans: Vec<SanType>,
-        validity: Validity,
-    ) -> Result<CertificateParams, IssueError> {
-        let mut params = CertificateParams::default();
-        // An empty subject; the SAN extension is then critical (rcgen does this).
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = match kind {
-            KeyKind::Rsa(_) => {
-                vec![
-                    KeyUsagePurpose::DigitalSignature,
-                    KeyUsagePurpose::KeyEncipherment,
-                ]
-            }
-            _ => vec![KeyUsagePurpose::DigitalSignature],
-        };
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial(&self.rng)?);
-        Ok(params)
-    }
-
-    /// Step 2: sign.
+    /// Signs a template with rcgen (certificates other than SPIFFE leaves).
     fn sign(
         &self,
         params: &CertificateParams,
@@ -342,22 +324,15 @@ impl CertificateAuthority {
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(internal)?;
-        let der = cert.der().to_vec();
-        let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
-        Ok(IssuedCertificate {
-            spki_sha256: x509::sha256_hex(&facts.spki_der),
-            cert_sha256: x509::sha256_hex(&der),
-            der,
-            facts,
-        })
+        inspected(cert.der().to_vec())
     }
 
-    /// Step 3: re-check what was signed against what policy decided, before it leaves.
+    /// Re-check what was signed against what policy decided, before it leaves.
     fn recheck_spiffe_leaf(
         &self,
         facts: &CertFacts,
         identity: &SpiffeId,
-        public_key: &PublicKey,
+        spki: &[u8],
         validity: Validity,
     ) -> Result<(), IssueError> {
         let fail = |what: &str| {
@@ -388,7 +363,7 @@ impl CertificateAuthority {
         {
             return fail("validity");
         }
-        if facts.spki_der != public_key.spki_der() {
+        if facts.spki_der != spki {
             return fail("public key differs from the CSR's");
         }
         if facts.issuer_der != self.facts.subject_der {
@@ -396,6 +371,71 @@ impl CertificateAuthority {
         }
         Ok(())
     }
+}
+
+/// The template of a leaf, from policy and identity only: empty subject (so the SAN is
+/// critical, which rcgen does), `cA` false, server and client auth.
+fn leaf_template(
+    kind: KeyKind,
+    sans: Vec<SanType>,
+    validity: Validity,
+    serial: SerialNumber,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = match kind {
+        KeyKind::Rsa(_) => {
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ]
+        }
+        _ => vec![KeyUsagePurpose::DigitalSignature],
+    };
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(serial);
+    params
+}
+
+/// Signs one SPIFFE leaf with rcgen, for the CA's own public key, and reads from it what
+/// every leaf of this CA shares.
+fn prototype_profile(
+    issuer: &Issuer<'static, SignerHandle>,
+    key: &SignerHandle,
+    facts: &CertFacts,
+) -> Result<LeafProfile, AuthorityError> {
+    let params = leaf_template(
+        KeyKind::EcdsaP256,
+        vec![SanType::URI(
+            "spiffe://prototype.invalid/ns/default/sa/default".try_into()?,
+        )],
+        Validity {
+            not_before: facts.not_before,
+            not_after: facts.not_after,
+        },
+        SerialNumber::from_slice(&[0x40; 16]),
+    );
+    let prototype = params.signed_by(key, issuer)?;
+    LeafProfile::from_prototype(prototype.der()).map_err(AuthorityError::Certificate)
+}
+
+/// Reads back a signed certificate for the re-check and the audit record.
+fn inspected(der: Vec<u8>) -> Result<IssuedCertificate, IssueError> {
+    let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
+    Ok(IssuedCertificate {
+        spki_sha256: x509::sha256_hex(&facts.spki_der),
+        cert_sha256: x509::sha256_hex(&der),
+        der,
+        facts,
+    })
 }
 
 fn internal(e: impl fmt::Display) -> IssueError {
@@ -471,6 +511,70 @@ mod tests {
             ca.issue_from_csr(&csr, &id, 3600 * 25, &POLICY, now),
             Err(IssueError::TtlTooLong { .. })
         ));
+    }
+
+    /// The direct leaf encoder writes exactly what rcgen writes for the same template,
+    /// for every CA key type and every leaf key type.
+    #[test]
+    fn leaf_encoder_matches_rcgen_byte_for_byte() {
+        use crate::keys::KeyAlgorithm;
+        use der::Decode;
+        let now = OffsetDateTime::now_utc();
+        let rsa_ca = KeyAlgorithm::Rsa(2048).generate().unwrap();
+        let rsa_leaf =
+            PublicKey::of_key_pair(&KeyAlgorithm::Rsa(2048).generate().unwrap()).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/some-namespace/sa/a-long-service-account-name-to-pass-127-bytes").unwrap();
+        for ca_key in [
+            KeyAlgorithm::EcdsaP256.generate().unwrap(),
+            KeyAlgorithm::EcdsaP384.generate().unwrap(),
+            rsa_ca,
+        ] {
+            let ca = CertificateAuthority::new_self_signed_root(
+                ca_key,
+                "cluster.local",
+                now,
+                Duration::from_secs(3600 * 24 * 365 * 30),
+            )
+            .unwrap();
+            for leaf_key in [
+                PublicKey::of_key_pair(&KeyAlgorithm::EcdsaP256.generate().unwrap()).unwrap(),
+                PublicKey::of_key_pair(&KeyAlgorithm::EcdsaP384.generate().unwrap()).unwrap(),
+                rsa_leaf.clone(),
+            ] {
+                // A validity that crosses 2050 covers both time encodings.
+                let validity = Validity {
+                    not_before: now - Duration::from_secs(60),
+                    not_after: ca.facts().not_after,
+                };
+                let serial = random_serial(&ca.rng).unwrap();
+                let reference = leaf_template(
+                    leaf_key.kind,
+                    vec![SanType::URI(id.as_str().try_into().unwrap())],
+                    validity,
+                    SerialNumber::from_slice(&serial),
+                )
+                .signed_by(&leaf_key, &ca.issuer)
+                .unwrap();
+                let reference = reference.der().to_vec();
+                let tbs = ca.leaf.tbs(
+                    &serial,
+                    validity,
+                    &leaf_key.spki_der(),
+                    leaf_key.kind,
+                    id.as_str(),
+                );
+                assert_eq!(
+                    tbs,
+                    csr::raw_info_bytes(&reference).unwrap(),
+                    "TBSCertificate differs: CA {:?}, leaf {:?}",
+                    ca.facts().spki_der.len(),
+                    leaf_key
+                );
+                let parsed = x509_cert::Certificate::from_der(&reference).unwrap();
+                let signature = parsed.signature().raw_bytes();
+                assert_eq!(ca.leaf.certificate(&tbs, signature), reference);
+            }
+        }
     }
 
     #[test]

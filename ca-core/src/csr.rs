@@ -66,8 +66,9 @@ pub fn verify(input: &[u8]) -> Result<VerifiedCsr, IssueError> {
     Ok(VerifiedCsr { public_key })
 }
 
-/// The exact bytes of `certificationRequestInfo` as they were signed (not re-encoded).
-fn raw_info_bytes(der: &[u8]) -> Result<&[u8], IssueError> {
+/// The exact bytes of the first element of a signed structure (a CSR's
+/// `certificationRequestInfo`, a certificate's `tbsCertificate`), as signed.
+pub(crate) fn raw_info_bytes(der: &[u8]) -> Result<&[u8], IssueError> {
     let malformed = |e: der::Error| IssueError::MalformedCsr(e.to_string());
     let mut reader = SliceReader::new(der).map_err(malformed)?;
     let _outer = der::Header::decode(&mut reader).map_err(malformed)?;

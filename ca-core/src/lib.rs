@@ -18,6 +18,7 @@ pub mod authority;
 pub mod csr;
 pub mod error;
 pub mod keys;
+mod leaf;
 pub mod pem;
 pub mod policy;
 pub mod spiffe;
