@@ -62,15 +62,15 @@ fn to_offset(t: &x509_cert::time::Time) -> Result<OffsetDateTime, String> {
     OffsetDateTime::from_unix_timestamp(secs as i64).map_err(|e| e.to_string())
 }
 
-/// Lowercase hex of bytes.
+/// Lowercase hex of bytes (on every issuance path: serials and digests).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
 }
 
 /// Normalises a serial typed by a person: drops colons and leading zeros, lowercases.
@@ -154,6 +154,12 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(super::hex(&[]), "");
+    }
+
     #[test]
     fn serial_normalisation() {
         assert_eq!(super::normalise_serial("00:AB:cd"), "abcd");
