@@ -111,6 +111,9 @@ pub struct AuditStore {
     revoked_set: Arc<RwLock<HashSet<String>>>,
 }
 
+/// sled's page cache.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
@@ -130,9 +133,12 @@ impl AuditStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
         // We flush explicitly before every acknowledgement; sled's periodic flusher would
-        // only add fsyncs.
+        // only add fsyncs. The store is written far more than read (revocation checks use
+        // an in-memory set), so sled's page cache is kept small: its default of 1 GiB
+        // would let a busy CA grow past its container's memory limit.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(CACHE_BYTES)
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput)
             .open()
