@@ -336,6 +336,15 @@ async fn main() {
         ms(at_half.p99),
         at_half.errors
     );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    for field in ["VmHWM", "VmRSS"] {
+        if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
+            println!(
+                "server {}",
+                line.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
     let metrics = std::process::Command::new("curl")
         .arg("-s")
         .arg(format!("http://{}/metrics", ca.http))

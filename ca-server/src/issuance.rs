@@ -236,7 +236,7 @@ impl Issuance {
             detail: Some(detail),
             ..base
         };
-        count(api, "denied", &authenticator, reason, started);
+        count(api, "denied", authenticator, reason, started);
         if let Err(e) = self.audit.record(decision).await {
             tracing::error!(error = %e, "could not record a denial");
             return Status::unavailable("the CA cannot record decisions right now");
@@ -255,17 +255,25 @@ impl Issuance {
     }
 }
 
-fn count(api: &str, outcome: &str, authenticator: &str, reason: &str, started: Instant) {
+/// Request counters and the issuance latency histogram. Labels are static strings where
+/// they can be, so counting costs no allocation on the issuance path.
+fn count(
+    api: &'static str,
+    outcome: &'static str,
+    authenticator: impl Into<metrics::SharedString>,
+    reason: &'static str,
+    started: Instant,
+) {
     metrics::counter!(
         "ca_requests_total",
-        "api" => api.to_owned(),
-        "outcome" => outcome.to_owned(),
-        "authenticator" => authenticator.to_owned(),
-        "reason" => reason.to_owned()
+        "api" => api,
+        "outcome" => outcome,
+        "authenticator" => authenticator,
+        "reason" => reason
     )
     .increment(1);
     if outcome == "issued" {
-        metrics::histogram!("ca_issuance_duration_seconds", "api" => api.to_owned())
+        metrics::histogram!("ca_issuance_duration_seconds", "api" => api)
             .record(started.elapsed().as_secs_f64());
     }
 }
