@@ -251,7 +251,7 @@ impl AuditStore {
     }
 
     /// After a successful flush: make revocations in `records` effective in memory.
-    pub fn publish_revocations(&self, records: &[AuditRecord]) {
+    pub fn publish_revocations<'a>(&self, records: impl IntoIterator<Item = &'a AuditRecord>) {
         let mut set = self.revoked_set.write().unwrap_or_else(|p| p.into_inner());
         for r in records {
             if r.decision.outcome == Some(Outcome::Revoked)

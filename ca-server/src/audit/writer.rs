@@ -153,11 +153,7 @@ async fn run(
         });
         match flushed {
             Ok(_) => {
-                let written: Vec<AuditRecord> = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok().cloned())
-                    .collect();
-                store.publish_revocations(&written);
+                store.publish_revocations(results.iter().filter_map(|r| r.as_ref().ok()));
                 for (reply, result) in replies.drain(..).zip(results) {
                     let _ = reply.send(result);
                 }
