@@ -63,8 +63,7 @@ where
         let peer = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.get_ref().remote_addr())
-            .map(|a| a.to_string());
+            .and_then(|i| i.get_ref().remote_addr());
         let api = if req.uri().path() == istio_ca_proto::HANDLE_CSR_PATH {
             Api::Legacy
         } else {
@@ -92,7 +91,7 @@ where
                         "request message over {} bytes",
                         super::MAX_REQUEST_BYTES
                     )),
-                    peer,
+                    peer: peer.map(|a| a.to_string()),
                     ..Default::default()
                 };
                 if let Err(e) = audit.record(decision).await {
