@@ -523,7 +523,14 @@ mod tests {
         let rsa_ca = KeyAlgorithm::Rsa(2048).generate().unwrap();
         let rsa_leaf =
             PublicKey::of_key_pair(&KeyAlgorithm::Rsa(2048).generate().unwrap()).unwrap();
-        let id = SpiffeId::parse("spiffe://cluster.local/ns/some-namespace/sa/a-long-service-account-name-to-pass-127-bytes").unwrap();
+        // Long enough (over 127 bytes) that the SAN's lengths take the long DER form, as
+        // a 253-character service account name would.
+        let id = SpiffeId::parse(&format!(
+            "spiffe://cluster.local/ns/some-namespace/sa/{}",
+            "a".repeat(200)
+        ))
+        .unwrap();
+        assert!(id.as_str().len() > 127);
         for ca_key in [
             KeyAlgorithm::EcdsaP256.generate().unwrap(),
             KeyAlgorithm::EcdsaP384.generate().unwrap(),
