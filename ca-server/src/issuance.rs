@@ -62,6 +62,29 @@ fn issue_code(e: &IssueError) -> Code {
     }
 }
 
+/// The audit record of a certificate the CA signed, on top of `base` (who asked, how):
+/// serial, validity, granted TTL, digests, and the SPIFFE ID read back from the
+/// certificate (none for the CA's own serving certificate). Every issuance path —
+/// gRPC, admin export, Secret controller, serving certificate — records it this way.
+pub fn issued_decision(
+    base: Decision,
+    issued: &IssuedCertificate,
+    now: OffsetDateTime,
+) -> Decision {
+    let facts = &issued.facts;
+    Decision {
+        outcome: Some(Outcome::Issued),
+        granted_ttl_secs: Some((facts.not_after - now).whole_seconds()),
+        spiffe_id: facts.uri_sans.first().cloned(),
+        serial: Some(facts.serial.clone()),
+        not_before: Some(rfc3339(facts.not_before)),
+        not_after: Some(rfc3339(facts.not_after)),
+        spki_sha256: Some(issued.spki_sha256.clone()),
+        cert_sha256: Some(issued.cert_sha256.clone()),
+        ..base
+    }
+}
+
 /// Formats a time as stored in audit records and printed to admins.
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
@@ -187,17 +210,7 @@ impl Issuance {
                 }
             };
         let facts = &issued.facts;
-        let decision = Decision {
-            outcome: Some(Outcome::Issued),
-            granted_ttl_secs: Some((facts.not_after - now).whole_seconds()),
-            spiffe_id: Some(caller.identity.to_string()),
-            serial: Some(facts.serial.clone()),
-            not_before: Some(rfc3339(facts.not_before)),
-            not_after: Some(rfc3339(facts.not_after)),
-            spki_sha256: Some(issued.spki_sha256.clone()),
-            cert_sha256: Some(issued.cert_sha256.clone()),
-            ..base
-        };
+        let decision = issued_decision(base, &issued, now);
         let api = decision.api.map(|a| a.as_str()).unwrap_or("unknown");
         let authenticator = caller.authenticator;
         if let Err(e) = self.audit.record(decision).await {

@@ -13,11 +13,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{AdminService, serve_socket};
-use crate::audit::{Api, AuditStore, AuditWriter, Decision, Outcome};
+use crate::audit::{Api, AuditStore, AuditWriter, Decision};
 use crate::authn::{AuthChain, ClientCertAuthenticator};
 use crate::grpc::{self, CaService, tls};
 use crate::http::{self, Readiness};
 use crate::issuance::Issuance;
+use crate::issuance::issued_decision;
 use crate::state::{self, CaSource};
 
 /// Everything `ca-server serve` needs, already validated.
@@ -93,23 +94,20 @@ async fn refresh_serving_cert(
         .map_err(|e| e.to_string())?;
     debug_assert_eq!(key.subject_public_key_info(), issued.facts.spki_der);
     audit
-        .record(Decision {
-            api: Some(Api::Internal),
-            outcome: Some(Outcome::Issued),
-            authenticator: Some("self".into()),
-            caller: Some("ca-server".into()),
-            detail: Some(format!(
-                "serving certificate for {}",
-                cfg.server_names.join(",")
-            )),
-            granted_ttl_secs: Some((issued.facts.not_after - now).whole_seconds()),
-            serial: Some(issued.facts.serial.clone()),
-            not_before: Some(crate::issuance::rfc3339(issued.facts.not_before)),
-            not_after: Some(crate::issuance::rfc3339(issued.facts.not_after)),
-            spki_sha256: Some(issued.spki_sha256.clone()),
-            cert_sha256: Some(issued.cert_sha256.clone()),
-            ..Default::default()
-        })
+        .record(issued_decision(
+            Decision {
+                api: Some(Api::Internal),
+                authenticator: Some("self".into()),
+                caller: Some("ca-server".into()),
+                detail: Some(format!(
+                    "serving certificate for {}",
+                    cfg.server_names.join(",")
+                )),
+                ..Default::default()
+            },
+            &issued,
+            now,
+        ))
         .await
         .map_err(|e| e.to_string())?;
     let mut chain = vec![issued.der.clone()];

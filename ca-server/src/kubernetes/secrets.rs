@@ -33,7 +33,8 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, watch as shutdown_watch};
 use tokio_stream::StreamExt;
 
-use crate::audit::{Api as AuditApi, AuditWriter, Decision, Outcome};
+use crate::audit::{Api as AuditApi, AuditWriter, Decision};
+use crate::issuance::issued_decision;
 
 /// Secret type of identity Secrets.
 pub const SECRET_TYPE: &str = "istio.io/key-and-cert";
@@ -480,21 +481,17 @@ impl SecretController {
             .map_err(|e| e.to_string())?;
         debug_assert_eq!(issued.facts.spki_der, key.subject_public_key_info());
         self.audit
-            .record(Decision {
-                api: Some(AuditApi::Internal),
-                outcome: Some(Outcome::Issued),
-                authenticator: Some("secret-controller".into()),
-                caller: Some(format!("kubernetes:{ns}/{sa}")),
-                detail: Some(format!("Secret {ns}/istio.{sa}")),
-                granted_ttl_secs: Some((issued.facts.not_after - now).whole_seconds()),
-                spiffe_id: Some(identity.to_string()),
-                serial: Some(issued.facts.serial.clone()),
-                not_before: Some(crate::issuance::rfc3339(issued.facts.not_before)),
-                not_after: Some(crate::issuance::rfc3339(issued.facts.not_after)),
-                spki_sha256: Some(issued.spki_sha256.clone()),
-                cert_sha256: Some(issued.cert_sha256.clone()),
-                ..Default::default()
-            })
+            .record(issued_decision(
+                Decision {
+                    api: Some(AuditApi::Internal),
+                    authenticator: Some("secret-controller".into()),
+                    caller: Some(format!("kubernetes:{ns}/{sa}")),
+                    detail: Some(format!("Secret {ns}/istio.{sa}")),
+                    ..Default::default()
+                },
+                &issued,
+                now,
+            ))
             .await
             .map_err(|e| format!("audit: {e}"))?;
         Ok(BTreeMap::from([
