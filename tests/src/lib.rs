@@ -96,7 +96,7 @@ impl CaProcess {
 
     /// Like [`CaProcess::start`] with a given `ca-server` binary (e.g. a release build).
     pub fn start_bin(bin: PathBuf, state_dir: &Path, extra_args: &[&str]) -> CaProcess {
-        Self::start_full(bin, state_dir, "127.0.0.1:0", extra_args)
+        Self::launch(bin, state_dir, "127.0.0.1:0", extra_args, &[])
     }
 
     /// Starts a CA with extra environment variables (e.g. KUBECONFIG).
@@ -115,39 +115,34 @@ impl CaProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> CaProcess {
-        let mut p = CaProcess {
-            bin,
-            listen: "127.0.0.1:0".into(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            child: None,
-            state_dir: state_dir.to_owned(),
-            grpc: "127.0.0.1:0".parse().unwrap(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            log: state_dir.with_extension("log"),
-        };
-        p.spawn();
-        p
+        Self::launch(bin, state_dir, "127.0.0.1:0", extra_args, env)
     }
 
     /// Starts a CA whose gRPC port is fixed (so it can come back on the same address).
     pub fn start_at(state_dir: &Path, grpc: SocketAddr, extra_args: &[&str]) -> CaProcess {
-        Self::start_full(
+        Self::launch(
             workspace_bin("ca-server"),
             state_dir,
             &grpc.to_string(),
             extra_args,
+            &[],
         )
     }
 
-    fn start_full(bin: PathBuf, state_dir: &Path, listen: &str, extra_args: &[&str]) -> CaProcess {
+    fn launch(
+        bin: PathBuf,
+        state_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> CaProcess {
         let mut p = CaProcess {
             bin,
             listen: listen.to_owned(),
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             state_dir: state_dir.to_owned(),
             grpc: "127.0.0.1:0".parse().unwrap(),
@@ -621,6 +616,15 @@ pub fn serial_of(pem: &str) -> String {
     )
 }
 
+/// A `CreateCertificate` request with the server's default TTL.
+pub fn request(csr: String) -> istio_ca_proto::IstioCertificateRequest {
+    istio_ca_proto::IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    }
+}
+
 /// Clients issuing certificates concurrently until each is refused (see [`Issuers::spawn`]).
 pub struct Issuers {
     tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Option<tonic::Status>)>>,
@@ -637,12 +641,7 @@ impl Issuers {
                 tokio::spawn(async move {
                     let mut serials = Vec::new();
                     for _ in 0..max_each {
-                        let request = istio_ca_proto::IstioCertificateRequest {
-                            csr: csr.clone(),
-                            validity_duration: 0,
-                            metadata: None,
-                        };
-                        match modern(&ch).create_certificate(request).await {
+                        match modern(&ch).create_certificate(request(csr.clone())).await {
                             Ok(r) => serials.push(serial_of(&r.into_inner().cert_chain[0])),
                             Err(status) => return (serials, Some(status)),
                         }

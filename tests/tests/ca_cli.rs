@@ -91,11 +91,7 @@ async fn health_readiness_and_metrics() {
     let ch = ca.channel(Some((&chain, &key))).await;
     let (_, csr) = e2e::hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     e2e::modern(&ch)
-        .create_certificate(istio_ca_proto::IstioCertificateRequest {
-            csr,
-            validity_duration: 0,
-            metadata: None,
-        })
+        .create_certificate(e2e::request(csr))
         .await
         .unwrap();
     let (code, metrics) = http_get(ca.http, "/metrics");

@@ -168,6 +168,7 @@ async fn bad_input_matrix() {
         .create_certificate(req(valid_csr.clone(), 0))
         .await
         .expect("valid before revocation");
+    // In OpenSSL's colon form, as an admin would paste it.
     let serial = {
         let (_, pem) = x509_parser::pem::parse_x509_pem(r_chain.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
@@ -224,13 +225,7 @@ async fn revocation_survives_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ca = CaProcess::start(&tmp.path().join("state"), &[]);
     let (chain, key) = ca.export_bundle("vm", "node", "1h", &tmp.path().join("b"));
-    let serial = {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
-        pem.parse_x509()
-            .unwrap()
-            .tbs_certificate
-            .raw_serial_as_string()
-    };
+    let serial = e2e::serial_of(&chain);
     assert!(
         ca.cli(&["revoke", &serial, "--reason", "key leaked"])
             .status
@@ -253,13 +248,7 @@ async fn offline_revocation_takes_effect_on_start() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ca = CaProcess::start(&tmp.path().join("state"), &[]);
     let (chain, key) = ca.export_bundle("vm", "offline", "1h", &tmp.path().join("b"));
-    let serial = {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
-        pem.parse_x509()
-            .unwrap()
-            .tbs_certificate
-            .raw_serial_as_string()
-    };
+    let serial = e2e::serial_of(&chain);
     ca.stop();
     let out = ca.cli(&["revoke", &serial, "--reason", "stolen laptop"]);
     assert!(

@@ -17,11 +17,7 @@ use tonic::Code;
 const HEADROOM: u64 = 2 * 1024 * 1024;
 
 fn request() -> IstioCertificateRequest {
-    IstioCertificateRequest {
-        csr: hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1,
-        validity_duration: 0,
-        metadata: None,
-    }
+    e2e::request(hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256).1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

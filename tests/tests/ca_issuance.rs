@@ -101,11 +101,7 @@ async fn both_apis_issue_svids_for_the_caller_not_the_csr() {
     // Modern API: hostile CSR (other SPIFFE ID, DNS name, CA:true, keyCertSign).
     let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     let resp = modern(&ch)
-        .create_certificate(IstioCertificateRequest {
-            csr,
-            validity_duration: 0,
-            metadata: None,
-        })
+        .create_certificate(e2e::request(csr))
         .await
         .expect("modern API issues")
         .into_inner();
@@ -233,11 +229,7 @@ async fn plugged_in_intermediate_chains() {
 
     let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     let resp = modern(&ch)
-        .create_certificate(IstioCertificateRequest {
-            csr,
-            validity_duration: 0,
-            metadata: None,
-        })
+        .create_certificate(e2e::request(csr))
         .await
         .unwrap()
         .into_inner();
@@ -302,11 +294,7 @@ async fn root_key_type_is_selectable() {
         let ch = ca.channel(Some((&chain, &key))).await;
         let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
         let resp = modern(&ch)
-            .create_certificate(IstioCertificateRequest {
-                csr,
-                validity_duration: 0,
-                metadata: None,
-            })
+            .create_certificate(e2e::request(csr))
             .await
             .unwrap()
             .into_inner();

@@ -74,6 +74,16 @@ impl Setup {
         run_agent(&args)
     }
 
+    /// [`Setup::once`], which must succeed.
+    fn once_ok(&self, extra: &[&str]) {
+        let out = self.once(extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn status(&self) -> (i32, String) {
         let o = run_agent(&[
             "status",
@@ -256,12 +266,7 @@ fn survives_a_ca_outage() {
 #[test]
 fn expired_certificate_falls_back_to_bootstrap() {
     let s = setup(None);
-    let out = s.once(&["--ttl", "10s"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.once_ok(&["--ttl", "10s"]);
     let first = published_leaf(&s.certs);
     std::thread::sleep(Duration::from_millis(
         u64::try_from((first.not_after - time::OffsetDateTime::now_utc()).whole_milliseconds())
@@ -270,12 +275,7 @@ fn expired_certificate_falls_back_to_bootstrap() {
     ));
     let (code, _) = s.status();
     assert_eq!(code, 1, "status fails while the certificate is expired");
-    let out = s.once(&["--ttl", "10s"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.once_ok(&["--ttl", "10s"]);
     let second = published_leaf(&s.certs);
     assert_ne!(second.serial, first.serial);
     assert!(second.not_after > time::OffsetDateTime::now_utc());
@@ -290,12 +290,7 @@ fn expired_certificate_falls_back_to_bootstrap() {
 #[test]
 fn revoked_bootstrap_and_expired_current_is_fatal() {
     let s = setup(None);
-    let out = s.once(&["--ttl", "10s"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.once_ok(&["--ttl", "10s"]);
     let revoke =
         s.ca.cli(&["revoke", &s.bootstrap_serial, "--reason", "machine retired"]);
     assert!(

@@ -24,16 +24,26 @@ fn gce_config(dir: &std::path::Path, g: &Google) -> String {
     path.display().to_string()
 }
 
+/// A running VM `name` labelled `role=db` in project shop-prod, a CA that maps it to
+/// vm/mysqldb, and the CA's root written to `dir/root-cert.pem`.
+async fn db_vm_and_ca(
+    dir: &std::path::Path,
+    name: &str,
+) -> (Google, CaProcess, std::path::PathBuf) {
+    let mut instance = Instance::running("shop-prod", "us-central1-a", name);
+    instance.labels.insert("role".into(), "db".into());
+    let g = Google::start(instance).await;
+    let cfg = gce_config(dir, &g);
+    let ca = CaProcess::start(&dir.join("state"), &["--gce-config", &cfg]);
+    let root = dir.join("root-cert.pem");
+    std::fs::write(&root, ca.root_pem()).unwrap();
+    (g, ca, root)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn gce_vm_gets_its_mapped_identity_and_renews() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut instance = Instance::running("shop-prod", "us-central1-a", "mysql-1");
-    instance.labels.insert("role".into(), "db".into());
-    let g = Google::start(instance).await;
-    let cfg = gce_config(tmp.path(), &g);
-    let ca = CaProcess::start(&tmp.path().join("state"), &["--gce-config", &cfg]);
-    let root = tmp.path().join("root-cert.pem");
-    std::fs::write(&root, ca.root_pem()).unwrap();
+    let (g, ca, root) = db_vm_and_ca(tmp.path(), "mysql-1").await;
     let certs = tmp.path().join("certs");
     let status = tmp.path().join("status.json");
     let args = [
@@ -118,13 +128,7 @@ async fn gce_vm_gets_its_mapped_identity_and_renews() {
 #[tokio::test(flavor = "multi_thread")]
 async fn platform_auto_detects_the_metadata_server() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut instance = Instance::running("shop-prod", "us-central1-a", "mysql-7");
-    instance.labels.insert("role".into(), "db".into());
-    let g = Google::start(instance).await;
-    let cfg = gce_config(tmp.path(), &g);
-    let ca = CaProcess::start(&tmp.path().join("state"), &["--gce-config", &cfg]);
-    let root = tmp.path().join("root-cert.pem");
-    std::fs::write(&root, ca.root_pem()).unwrap();
+    let (g, ca, root) = db_vm_and_ca(tmp.path(), "mysql-7").await;
     let dead = e2e::free_port().to_string();
     for (host, expect_ok, needle) in [
         (g.addr.to_string(), true, "using instance identity tokens"),

@@ -18,6 +18,16 @@ fn secret_data(s: &Value, key: &str) -> String {
     String::from_utf8(b).unwrap()
 }
 
+/// Labels namespace `name` in (`true`) or out of (`false`) the CA's management.
+async fn set_override(namespaces: &Api<Namespace>, name: &str, managed: bool) {
+    let label =
+        serde_json::json!({"metadata": {"labels": {"ca.istio.io/override": managed.to_string()}}});
+    namespaces
+        .patch(name, &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .unwrap();
+}
+
 fn identity_secrets(api: &KubeApi, ns: &str) -> Vec<Value> {
     api.objects(Kind::Secret)
         .into_iter()
@@ -166,31 +176,13 @@ async fn every_managed_service_account_gets_a_secret() {
     );
 
     // Relabelling: a namespace opted in gets its secrets; one opted out is left alone.
-    namespaces
-        .patch(
-            "elsewhere",
-            &PatchParams::default(),
-            &Patch::Merge(
-                serde_json::json!({"metadata": {"labels": {"ca.istio.io/override": "true"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    set_override(&namespaces, "elsewhere", true).await;
     wait_for(
         "secrets in a namespace opted in",
         Duration::from_secs(15),
         || identity_secrets(&api, "elsewhere").len() == 10,
     );
-    namespaces
-        .patch(
-            "ns9",
-            &PatchParams::default(),
-            &Patch::Merge(
-                serde_json::json!({"metadata": {"labels": {"ca.istio.io/override": "false"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    set_override(&namespaces, "ns9", false).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     Api::<Secret>::namespaced(client.clone(), "ns9")
         .delete("istio.sa0", &DeleteParams::default())
