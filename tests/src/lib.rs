@@ -590,6 +590,20 @@ pub async fn create_with_bearer(ch: &Channel, token: &str) -> Result<Vec<String>
         .map(|r| r.into_inner().cert_chain)
 }
 
+/// Runs `ca-server serve` on `state_dir` (loopback, ephemeral ports) with `args` to
+/// completion: for configurations that must be refused before anything listens.
+pub fn serve_output(state_dir: &Path, args: &[&str]) -> Output {
+    Command::new(workspace_bin("ca-server"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("serve")
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ca-server serve")
+}
+
 /// A plain HTTP/1.1 GET: status code and the whole response text.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

@@ -2,19 +2,11 @@
 
 use std::process::{Command, Stdio};
 
-use e2e::{CaProcess, http_get, workspace_bin};
+use e2e::{CaProcess, http_get, serve_output, workspace_bin};
 
 fn serve_with(args: &[&str]) -> std::process::Output {
     let tmp = tempfile::tempdir().unwrap();
-    Command::new(workspace_bin("ca-server"))
-        .arg("--state-dir")
-        .arg(tmp.path().join("s"))
-        .arg("serve")
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    serve_output(&tmp.path().join("s"), args)
 }
 
 #[test]
@@ -116,19 +108,7 @@ fn second_server_on_same_state_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let _ca = CaProcess::start(&state, &[]);
-    let out = Command::new(workspace_bin("ca-server"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = serve_output(&state, &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another process"), "{stderr}");

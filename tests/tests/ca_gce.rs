@@ -379,20 +379,10 @@ fn bad_gce_configuration_is_exit_64() {
     ] {
         let path = tmp.path().join("gce.toml");
         std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(e2e::workspace_bin("ca-server"))
-            .arg("--state-dir")
-            .arg(tmp.path().join("s"))
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--gce-config",
-            ])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = e2e::serve_output(
+            &tmp.path().join("s"),
+            &["--gce-config", path.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{text}: {err}");
         assert!(err.contains(needle), "{text}: {err}");
