@@ -265,9 +265,8 @@ impl CertificateAuthority {
     ) -> Result<IssuedCertificate, IssueError> {
         let validity = self.validity(ttl, now)?;
         let serial = random_serial(&self.rng)?;
-        if !identity.as_str().is_ascii() {
-            return Err(IssueError::Internal("SPIFFE ID is not ASCII".into()));
-        }
+        // A SpiffeId is ASCII by construction (every component is checked), as the
+        // leaf's IA5String SAN requires.
         let spki = public_key.spki_der();
         let tbs = self
             .leaf

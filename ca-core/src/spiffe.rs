@@ -149,6 +149,9 @@ mod tests {
             "spiffe://cluster.local/ns//sa/db",
             "spiffe://cluster.local/ns/-x/sa/db",
             "spiffe:///ns/a/sa/b",
+            // Non-ASCII: the certificate's URI SAN is an IA5String.
+            "spiffe://cluster.local/ns/vm/sa/d\u{e9}b",
+            "spiffe://clust\u{e9}r.local/ns/vm/sa/db",
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
         }
