@@ -17,7 +17,7 @@ use crate::server::{self, ServeConfig};
 use crate::state::CaSource;
 
 /// Exit code for bad configuration or usage (EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+pub use cli_exit::EXIT_USAGE;
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 1h, 24h, 90d)"))
@@ -236,8 +236,7 @@ pub enum AuditCommand {
 }
 
 fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("ca-server: {msg}");
-    ExitCode::from(EXIT_USAGE)
+    cli_exit::usage_error("ca-server", msg)
 }
 
 fn runtime_error(msg: impl std::fmt::Display) -> ExitCode {
@@ -247,28 +246,9 @@ fn runtime_error(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match cli_exit::parse::<Cli, _, _>("ca-server", std::env::args_os()) {
         Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp
-                    | clap::error::ErrorKind::DisplayVersion
-                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return usage_error(format!("{first} (see --help)"));
-        }
+        Err(code) => return code,
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let admin_socket = cli

@@ -14,8 +14,6 @@ use crate::credential::{Found, read_dir};
 use crate::schedule::RenewalSchedule;
 use crate::status::{Status, rfc3339};
 
-const EXIT_USAGE: u8 = 64;
-
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 20s, 30m, 1h)"))
 }
@@ -142,8 +140,7 @@ struct RunArgs {
 }
 
 fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("node-identity: {msg}");
-    ExitCode::from(EXIT_USAGE)
+    cli_exit::usage_error("node-identity", msg)
 }
 
 /// Entry point.
@@ -158,28 +155,9 @@ pub fn main() -> ExitCode {
     }) {
         argv.insert(1, "run".into());
     }
-    let cli = match Cli::try_parse_from(argv) {
+    let cli = match cli_exit::parse::<Cli, _, _>("node-identity", argv) {
         Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp
-                    | clap::error::ErrorKind::DisplayVersion
-                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return usage_error(format!("{first} (see --help)"));
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Some(Command::Status) => status(&cli.common),
