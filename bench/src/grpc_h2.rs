@@ -23,6 +23,9 @@ use tokio_rustls::TlsConnector;
 #[derive(Clone)]
 pub struct Connection {
     send: h2::client::SendRequest<Bytes>,
+    /// `https://istio-ca/istio.v1.auth.IstioCertificateService/CreateCertificate`,
+    /// parsed once.
+    uri: http::Uri,
 }
 
 /// A request message in gRPC framing (flag byte, length, protobuf), built once.
@@ -80,7 +83,13 @@ impl Connection {
                 eprintln!("connection to the CA ended: {e}");
             }
         });
-        Ok(Connection { send })
+        let uri = format!(
+            "https://istio-ca{}",
+            istio_ca_proto::CREATE_CERTIFICATE_PATH
+        )
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        Ok(Connection { send, uri })
     }
 
     /// One `CreateCertificate` call with a pre-framed request; succeeds when the CA
@@ -88,10 +97,7 @@ impl Connection {
     pub async fn create_certificate(&self, framed: Bytes) -> Result<(), String> {
         let request = http::Request::builder()
             .method("POST")
-            .uri(format!(
-                "https://istio-ca{}",
-                istio_ca_proto::CREATE_CERTIFICATE_PATH
-            ))
+            .uri(self.uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(())
