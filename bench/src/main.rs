@@ -37,6 +37,9 @@ struct Args {
     /// Distinct pre-generated CSRs to cycle through.
     #[arg(long, default_value_t = 64)]
     csrs: usize,
+    /// HTTP/2 connections the requests are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
     /// Maximum requests per level (keeps the loop bounded).
     #[arg(long, default_value_t = 200_000)]
     max_requests: usize,
@@ -227,7 +230,7 @@ async fn main() {
     let (chain, key) = ca.export_bundle("bench", "load", "24h", &tmp.path().join("bundle"));
     let root = ca.root_pem();
     let mut connections = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..args.connections.max(1) {
         connections.push(
             Connection::open(ca.grpc, &root, &chain, &key)
                 .await

@@ -1,5 +1,6 @@
 //! The gRPC/TLS listener: both Istio CA APIs on one port.
 
+mod coalesce;
 mod rejections;
 mod service;
 pub mod tls;
@@ -33,7 +34,10 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = mpsc::channel::<
-        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+        Result<
+            coalesce::CoalescedFlush<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+            std::io::Error,
+        >,
     >(64);
     let mut accept_shutdown = shutdown.clone();
     tokio::spawn(async move {
@@ -55,7 +59,7 @@ pub async fn serve(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(coalesce::CoalescedFlush::new(stream))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
