@@ -1,6 +1,7 @@
 //! The HTTP side port: `/healthz`, `/readyz` (says why not ready), `/metrics`.
 
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -94,12 +95,31 @@ async fn metrics(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
 
-/// Serves the side port until `shutdown`.
+/// How often recorded histogram samples are folded into their buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last pass into their buckets. The
+/// recorder keeps every sample until then: without this, a CA that nobody scrapes grows
+/// by 8 bytes per request and per audit flush (about 300 MB an hour at 10,000
+/// certificates/s).
+async fn metrics_upkeep(handle: PrometheusHandle, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Serves the side port until `shutdown`, and keeps the metrics' memory bounded.
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    tokio::spawn(metrics_upkeep(metrics_handle(), shutdown.clone()));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
