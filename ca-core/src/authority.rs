@@ -268,13 +268,21 @@ impl CertificateAuthority {
         // A SpiffeId is ASCII by construction (every component is checked), as the
         // leaf's IA5String SAN requires.
         let spki = public_key.spki_der();
-        let tbs = self
-            .leaf
-            .tbs(&serial, validity, &spki, public_key.kind, identity.as_str());
+        // One digest of the key serves the leaf's key identifier and the audit record.
+        let spki_digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+        let tbs = self.leaf.tbs(
+            &serial,
+            validity,
+            &spki,
+            spki_digest.as_ref(),
+            public_key.kind,
+            identity.as_str(),
+        );
         let signature = self.issuer.key().sign(&tbs).map_err(internal)?;
-        let issued = inspected(self.leaf.certificate(&tbs, &signature))?;
-        self.recheck_spiffe_leaf(&issued.facts, identity, &spki, validity)?;
-        Ok(issued)
+        let der = self.leaf.certificate(&tbs, &signature);
+        let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
+        self.recheck_spiffe_leaf(&facts, identity, &spki, validity)?;
+        Ok(issued(der, facts, spki_digest.as_ref()))
     }
 
     /// Issues a TLS server certificate for the CA's own endpoint (DNS SANs only).
@@ -429,12 +437,18 @@ fn prototype_profile(
 /// Reads back a signed certificate for the re-check and the audit record.
 fn inspected(der: Vec<u8>) -> Result<IssuedCertificate, IssueError> {
     let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
-    Ok(IssuedCertificate {
-        spki_sha256: x509::sha256_hex(&facts.spki_der),
+    let spki_digest = ring::digest::digest(&ring::digest::SHA256, &facts.spki_der);
+    Ok(issued(der, facts, spki_digest.as_ref()))
+}
+
+/// A signed certificate, its facts as read back, and the digests the audit records.
+fn issued(der: Vec<u8>, facts: CertFacts, spki_sha256: &[u8]) -> IssuedCertificate {
+    IssuedCertificate {
+        spki_sha256: x509::hex(spki_sha256),
         cert_sha256: x509::sha256_hex(&der),
         der,
         facts,
-    })
+    }
 }
 
 fn internal(e: impl fmt::Display) -> IssueError {
@@ -562,10 +576,12 @@ mod tests {
                 .signed_by(&leaf_key, &ca.issuer)
                 .unwrap();
                 let reference = reference.der().to_vec();
+                let spki = leaf_key.spki_der();
                 let tbs = ca.leaf.tbs(
                     &serial,
                     validity,
-                    &leaf_key.spki_der(),
+                    &spki,
+                    ring::digest::digest(&ring::digest::SHA256, &spki).as_ref(),
                     leaf_key.kind,
                     id.as_str(),
                 );

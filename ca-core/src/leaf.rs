@@ -14,7 +14,6 @@
 //! authority re-parses the result with an independent parser and re-checks it.
 
 use der::{Decode, Encode};
-use ring::digest;
 use time::{OffsetDateTime, UtcOffset};
 use x509_cert::Certificate;
 
@@ -90,17 +89,21 @@ impl LeafProfile {
     }
 
     /// The `TBSCertificate` of a leaf. `serial` must be positive without a leading
-    /// zero byte (its first byte below 0x80 and non-zero); `uri` must be ASCII.
+    /// zero byte (its first byte below 0x80 and non-zero); `spki_sha256` is the SHA-256
+    /// of `spki` (its first 20 bytes are the subject key identifier, as rcgen makes
+    /// it); `uri` must be ASCII.
     pub(crate) fn tbs(
         &self,
         serial: &[u8],
         validity: Validity,
         spki: &[u8],
+        spki_sha256: &[u8],
         kind: KeyKind,
         uri: &str,
     ) -> Vec<u8> {
         debug_assert!(serial.first().is_some_and(|b| (1..0x80).contains(b)));
         debug_assert!(uri.is_ascii());
+        debug_assert_eq!(spki_sha256.len(), 32);
         let mut times = Vec::with_capacity(34);
         time(&mut times, validity.not_before);
         time(&mut times, validity.not_after);
@@ -113,7 +116,6 @@ impl LeafProfile {
         san.extend_from_slice(SAN_HEAD);
         tlv(&mut san, TAG_OCTET_STRING, &san_value);
 
-        let ski = digest::digest(&digest::SHA256, spki);
         let mut extensions = Vec::with_capacity(256 + uri.len());
         extensions.extend_from_slice(&self.authority_key_id);
         tlv(&mut extensions, TAG_SEQUENCE, &san);
@@ -123,7 +125,7 @@ impl LeafProfile {
         });
         extensions.extend_from_slice(EKU_SERVER_CLIENT);
         extensions.extend_from_slice(SKI_HEAD);
-        extensions.extend_from_slice(&ski.as_ref()[..20]);
+        extensions.extend_from_slice(&spki_sha256[..20]);
         extensions.extend_from_slice(BC_NOT_CA);
         let mut extensions_seq = Vec::with_capacity(extensions.len() + 4);
         tlv(&mut extensions_seq, TAG_SEQUENCE, &extensions);
