@@ -80,19 +80,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for CoalescedFlush<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedFlush<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.buf.len() + data.len() > BUFFER_LIMIT {
-            std::task::ready!(this.poll_drain(cx))?;
-            if data.len() >= BUFFER_LIMIT {
-                return Pin::new(&mut this.inner).poll_write(cx, data);
-            }
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
