@@ -1,0 +1,174 @@
+//! `ca-audit-bench`: the audit store on its own. Writes N issuance records through the
+//! real `AuditStore` in group-commit batches (write, then one flush per batch, as the
+//! server's writer does) and reports CPU time, disk and memory per record as the store
+//! grows. `--serials random` replays the old serial scheme (16 random bytes) to show
+//! what the key order of the serial index costs.
+#![forbid(unsafe_code)]
+
+// The server's allocator, so the figures are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ca_core::x509::{hex, sha256_hex};
+use ca_server::audit::{Api, Append, AuditStore, Decision, Outcome};
+use clap::{Parser, ValueEnum};
+use ring::rand::{SecureRandom, SystemRandom};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Serials {
+    /// What the CA issues: an issuance clock, then 64 random bits.
+    Clock,
+    /// 16 random bytes.
+    Random,
+}
+
+/// Audit store benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Records to write.
+    #[arg(long, default_value_t = 300_000)]
+    records: u64,
+    /// Records per group commit (one flush each). The server's writer gathers about
+    /// 28 at concurrency 64.
+    #[arg(long, default_value_t = 28)]
+    batch: u64,
+    /// Serial numbers of the recorded certificates.
+    #[arg(long, value_enum, default_value_t = Serials::Clock)]
+    serials: Serials,
+    /// Report every this many records.
+    #[arg(long, default_value_t = 100_000)]
+    every: u64,
+    /// Where to put the store [default: a temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// User plus system CPU seconds of this process, all threads (sled flushes on its own).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+fn disk_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn serial(kind: Serials, rng: &SystemRandom) -> String {
+    let bytes = match kind {
+        Serials::Clock => ca_core::authority::random_serial(rng).expect("rng"),
+        Serials::Random => {
+            let mut b = [0u8; 16];
+            rng.fill(&mut b).expect("rng");
+            b[0] = (b[0] & 0x7f) | 0x40;
+            b
+        }
+    };
+    hex(&bytes)
+}
+
+fn issuance(i: u64, serial: String) -> Append {
+    let id = format!("spiffe://cluster.local/ns/bench/sa/workload-{}", i % 64);
+    Append {
+        decision: Decision {
+            api: Some(Api::Modern),
+            outcome: Some(Outcome::Issued),
+            authenticator: Some("client-certificate".into()),
+            caller: Some(id.clone()),
+            peer: Some("127.0.0.1:50412".into()),
+            requested_ttl_secs: 0,
+            granted_ttl_secs: Some(3600),
+            spiffe_id: Some(id),
+            serial: Some(serial),
+            not_before: Some("2026-11-26T18:00:00Z".into()),
+            not_after: Some("2026-11-26T19:01:00Z".into()),
+            spki_sha256: Some(sha256_hex(&i.to_be_bytes())),
+            cert_sha256: Some(sha256_hex(&(!i).to_be_bytes())),
+            ..Default::default()
+        },
+        revoke: None,
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("audit"));
+    let store = AuditStore::open(&dir).expect("open the audit store");
+    let rng = SystemRandom::new();
+    println!(
+        "{} records, {} per flush, {:?} serials, store in {}",
+        args.records,
+        args.batch,
+        args.serials,
+        dir.display()
+    );
+    println!("| records | records/s | CPU µs per record | disk bytes per record | RSS MiB |");
+    println!("|---:|---:|---:|---:|---:|");
+    let (start, cpu_start) = (Instant::now(), cpu_seconds());
+    let (mut window, mut cpu_window) = (Instant::now(), cpu_start);
+    let (mut written, mut reported) = (0, 0);
+    while written < args.records {
+        let n = args.batch.min(args.records - written);
+        let batch = (written..written + n)
+            .map(|i| issuance(i, serial(args.serials, &rng)))
+            .collect();
+        for result in store.write_batch(batch) {
+            result.expect("write");
+        }
+        store.flush_blocking().expect("flush");
+        let before = written;
+        written += n;
+        if written / args.every > before / args.every || written == args.records {
+            let span = (written - reported) as f64;
+            reported = written;
+            let (now, cpu) = (Instant::now(), cpu_seconds());
+            println!(
+                "| {written} | {:.0} | {:.1} | {} | {} |",
+                span / (now - window).as_secs_f64(),
+                (cpu - cpu_window) * 1e6 / span,
+                disk_bytes(&dir) / written,
+                rss_mib()
+            );
+            (window, cpu_window) = (now, cpu);
+        }
+    }
+    println!(
+        "total: {:.0} records/s, {:.1} CPU µs per record",
+        written as f64 / start.elapsed().as_secs_f64(),
+        (cpu_seconds() - cpu_start) * 1e6 / written as f64
+    );
+}
