@@ -141,15 +141,39 @@ pub fn encode(record: &AuditRecord) -> Result<(String, Vec<u8>), serde_json::Err
     Ok((hash, stored))
 }
 
-/// Decodes a stored value into (stated hash, recomputed hash, record).
-pub fn decode(stored: &[u8]) -> Result<(String, String, AuditRecord), String> {
-    if stored.len() < 65 || stored[64] != b'\n' {
-        return Err("record is not framed as hash + body".into());
+/// One record decoded from storage: the hash it states, the hash of its body as stored
+/// now (they differ when the body was edited), and the record.
+pub type Decoded = (String, String, AuditRecord);
+
+/// Decodes a stored value into its records, in order. A value holds the records of one
+/// group commit, each encoded as by [`encode`] and separated by a newline (a compact
+/// JSON body never contains one). A value written before values held batches is one
+/// record, the same format. A framing error ends the value.
+pub fn decode_all(stored: &[u8]) -> Vec<Result<Decoded, String>> {
+    let mut out = Vec::new();
+    let mut rest = stored;
+    while !rest.is_empty() {
+        if rest.len() < 65 || rest[64] != b'\n' {
+            out.push(Err("record is not framed as hash + body".into()));
+            break;
+        }
+        let stated = String::from_utf8_lossy(&rest[..64]).into_owned();
+        let after = &rest[65..];
+        let end = after
+            .iter()
+            .position(|b| *b == b'\n')
+            .unwrap_or(after.len());
+        let body = &after[..end];
+        rest = after.get(end + 1..).unwrap_or_default();
+        let actual = ca_core::x509::sha256_hex(body);
+        out.push(
+            serde_json::from_slice(body)
+                .map(|record| (stated, actual, record))
+                .map_err(|e| format!("record body does not parse: {e}")),
+        );
     }
-    let stated = String::from_utf8_lossy(&stored[..64]).into_owned();
-    let body = &stored[65..];
-    let actual = ca_core::x509::sha256_hex(body);
-    let record: AuditRecord =
-        serde_json::from_slice(body).map_err(|e| format!("record body does not parse: {e}"))?;
-    Ok((stated, actual, record))
+    if out.is_empty() {
+        out.push(Err("empty value".into()));
+    }
+    out
 }

@@ -1,14 +1,27 @@
 //! The audit store: an append-only, hash-chained log of decisions in sled.
 //!
 //! Trees:
-//! - `records`: big-endian `seq` → `hash\nbody` (see [`super::record::encode`]),
-//! - `serials`: serial → `seq` of the record that issued it,
+//! - `records`: big-endian `seq` of a value's first record → the records of one group
+//!   commit, each `hash\nbody`, newline-separated (see [`super::record::decode_all`]),
+//! - `by-clock`: the issued serials of one value whose issuance clock (see
+//!   [`ca_core::authority::serial_clock_nanos`]) falls in one 10 ms bucket: key
+//!   `bucket ‖ seq of the value's first record`, value `serial seq` lines,
+//! - `serials`: serial → `seq`, one entry per record: how stores written before
+//!   `by-clock` existed index their serials, and the fallback for a serial without
+//!   the clock's shape,
 //! - `revoked`: serial → revocation (JSON), written in the same batch as its record,
 //! - `meta`: `head` (last seq and hash) and `anchor` (where verification starts after
 //!   retention pruned older records).
 //!
 //! A write is only acknowledged after `flush`, so a caller that was answered can rely
 //! on the record surviving a crash. The CA private key never goes into sled.
+//!
+//! Why a value holds several records: sled rewrites a whole leaf node (up to 17
+//! entries) on every insert, so with one ~700-byte record per key each insert copied
+//! about 10 KB. One insert per group commit does that work once for the batch
+//! (`ca-audit-bench`, docs/BENCHMARKS.md). The serial index follows suit: one entry
+//! per value and clock bucket, not one per certificate; serials carry their issuance
+//! time, so a lookup reads one bucket.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -104,6 +117,7 @@ pub struct ListFilter {
 pub struct AuditStore {
     db: sled::Db,
     records: sled::Tree,
+    by_clock: sled::Tree,
     serials: sled::Tree,
     revoked: sled::Tree,
     meta: sled::Tree,
@@ -114,12 +128,52 @@ pub struct AuditStore {
 /// sled's page cache.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// A value is closed once it holds this many bytes. sled writes a log item larger than
+/// a quarter of its 512 KiB segment as a file of its own (a "blob"), and a leaf node
+/// holds up to 17 values: at 6 KiB a full node stays well inside the log.
+const VALUE_BYTES: usize = 6 * 1024;
+
+/// Records encoded for one sled value, not yet inserted.
+#[derive(Default)]
+struct Chunk {
+    value: Vec<u8>,
+    /// Where the chain stands after the last record of the chunk.
+    head: Option<ChainPoint>,
+    entries: Vec<ChunkEntry>,
+}
+
+/// Position in the caller's batch, the record, and its revocation (serial, reason).
+type ChunkEntry = (usize, AuditRecord, Option<(String, String)>);
+
 fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
 fn seq_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+/// Width of a `by-clock` bucket: at 10,000 certificates/s a bucket holds about a
+/// dozen entries; at ordinary rates, one.
+const BUCKET_NANOS: u64 = 10_000_000;
+
+fn clock_bucket(serial: &str) -> Option<[u8; 8]> {
+    ca_core::authority::serial_clock_nanos(serial).map(|ns| (ns / BUCKET_NANOS).to_be_bytes())
+}
+
+fn by_clock_key(bucket: [u8; 8], first_seq: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&bucket);
+    key[8..].copy_from_slice(&seq_key(first_seq));
+    key
+}
+
+/// The issued serial of a record, if it issued one.
+fn issued_serial(rec: &AuditRecord) -> Option<&str> {
+    match rec.decision.outcome {
+        Some(Outcome::Issued) => rec.decision.serial.as_deref(),
+        _ => None,
+    }
 }
 
 /// Current time formatted as stored.
@@ -152,14 +206,18 @@ impl AuditStore {
                 other => AuditError::Io(other.to_string()),
             })?;
         let records = db.open_tree("records")?;
+        let by_clock = db.open_tree("by-clock")?;
         let serials = db.open_tree("serials")?;
         let revoked = db.open_tree("revoked")?;
         let meta = db.open_tree("meta")?;
         let chain = match records.last()? {
-            Some((k, v)) => {
-                let (stated, _, _) = record::decode(&v).map_err(AuditError::Io)?;
+            Some((_, v)) => {
+                let newest = record::decode_all(&v).pop();
+                let (stated, _, rec) = newest
+                    .unwrap_or_else(|| Err("empty value".into()))
+                    .map_err(AuditError::Io)?;
                 ChainPoint {
-                    seq: seq_of(&k).unwrap_or(0),
+                    seq: rec.seq,
                     hash: stated,
                 }
             }
@@ -180,6 +238,7 @@ impl AuditStore {
         Ok(AuditStore {
             db,
             records,
+            by_clock,
             serials,
             revoked,
             meta,
@@ -194,39 +253,126 @@ impl AuditStore {
     }
 
     /// Writes a batch of records into sled without flushing. Returns one result per
-    /// append; the caller must [`AuditStore::flush`] before acknowledging any of them.
+    /// append, in order; the caller must [`AuditStore::flush`] before acknowledging any
+    /// of them.
     pub fn write_batch(&self, batch: Vec<Append>) -> Vec<Result<AuditRecord, AuditError>> {
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::with_capacity(batch.len());
-        for append in batch {
-            out.push(self.write_one(&mut chain, append));
+        let mut slots: Vec<Option<Result<AuditRecord, AuditError>>> =
+            std::iter::repeat_with(|| None).take(batch.len()).collect();
+        let mut chunk = Chunk::default();
+        let time = now_rfc3339();
+        for (idx, append) in batch.into_iter().enumerate() {
+            if append.decision.outcome.is_none() || append.decision.api.is_none() {
+                slots[idx] = Some(Err(AuditError::Encode(
+                    "decision without outcome or api".into(),
+                )));
+                continue;
+            }
+            let head = chunk.head.as_ref().unwrap_or(&chain);
+            let rec = AuditRecord {
+                seq: head.seq + 1,
+                time: time.clone(),
+                prev_hash: head.hash.clone(),
+                decision: append.decision,
+            };
+            let (hash, stored) = match record::encode(&rec) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    slots[idx] = Some(Err(AuditError::Encode(e.to_string())));
+                    continue;
+                }
+            };
+            if !chunk.value.is_empty() {
+                chunk.value.push(b'\n');
+            }
+            chunk.value.extend_from_slice(&stored);
+            chunk.head = Some(ChainPoint { seq: rec.seq, hash });
+            chunk.entries.push((idx, rec, append.revoke));
+            if chunk.value.len() >= VALUE_BYTES {
+                self.commit(&mut chain, std::mem::take(&mut chunk), &mut slots);
+            }
         }
+        self.commit(&mut chain, chunk, &mut slots);
         if let Ok(head) = serde_json::to_vec(&*chain)
             && let Err(e) = self.meta.insert("head", head)
         {
             // The records themselves are written; the head is re-derived on open.
             tracing::warn!(error = %e, "could not update the audit head");
         }
-        out
+        slots
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err(AuditError::Encode("record was not written".into()))))
+            .collect()
     }
 
-    fn write_one(&self, chain: &mut ChainPoint, append: Append) -> Result<AuditRecord, AuditError> {
-        if append.decision.outcome.is_none() || append.decision.api.is_none() {
-            return Err(AuditError::Encode("decision without outcome or api".into()));
-        }
-        let rec = AuditRecord {
-            seq: chain.seq + 1,
-            time: now_rfc3339(),
-            prev_hash: chain.hash.clone(),
-            decision: append.decision,
+    /// Inserts one chunk. The chain only advances when its records are in the tree; if
+    /// an index entry then fails, that record is reported failed (the certificate is
+    /// not handed out) but stays in the log, which may over-report, never under-report.
+    fn commit(
+        &self,
+        chain: &mut ChainPoint,
+        chunk: Chunk,
+        slots: &mut [Option<Result<AuditRecord, AuditError>>],
+    ) {
+        let (Some(head), Some((_, first, _))) = (chunk.head, chunk.entries.first()) else {
+            return;
         };
-        let (hash, stored) = record::encode(&rec).map_err(|e| AuditError::Encode(e.to_string()))?;
-        self.records.insert(seq_key(rec.seq), stored)?;
-        if let (Some(Outcome::Issued), Some(serial)) = (rec.decision.outcome, &rec.decision.serial)
-        {
-            self.serials.insert(serial.as_bytes(), &seq_key(rec.seq))?;
+        if let Err(e) = self.records.insert(seq_key(first.seq), chunk.value) {
+            let why = e.to_string();
+            for (idx, _, _) in chunk.entries {
+                slots[idx] = Some(Err(AuditError::Io(why.clone())));
+            }
+            return;
         }
-        if let Some((serial, reason)) = append.revoke {
+        *chain = head;
+        let first_seq = first.seq;
+        let mut failed: Vec<Option<AuditError>> = std::iter::repeat_with(|| None)
+            .take(chunk.entries.len())
+            .collect();
+        // One index entry per clock bucket of this value's serials (usually one).
+        let mut buckets: std::collections::BTreeMap<[u8; 8], (String, Vec<usize>)> =
+            Default::default();
+        for (i, (_, rec, _)) in chunk.entries.iter().enumerate() {
+            let Some(serial) = issued_serial(rec) else {
+                continue;
+            };
+            match clock_bucket(serial) {
+                Some(bucket) => {
+                    let (lines, members) = buckets.entry(bucket).or_default();
+                    lines.push_str(&format!("{serial} {}\n", rec.seq));
+                    members.push(i);
+                }
+                None => {
+                    if let Err(e) = self.serials.insert(serial.as_bytes(), &seq_key(rec.seq)) {
+                        failed[i] = Some(e.into());
+                    }
+                }
+            }
+        }
+        for (bucket, (lines, members)) in buckets {
+            if let Err(e) = self
+                .by_clock
+                .insert(by_clock_key(bucket, first_seq), lines.as_bytes())
+            {
+                for i in members {
+                    failed[i] = Some(AuditError::Io(e.to_string()));
+                }
+            }
+        }
+        for ((idx, rec, revoke), failure) in chunk.entries.into_iter().zip(failed) {
+            slots[idx] = Some(match failure {
+                Some(e) => Err(e),
+                None => self.record_revocation(&rec, revoke).map(|()| rec),
+            });
+        }
+    }
+
+    fn record_revocation(
+        &self,
+        rec: &AuditRecord,
+        revoke: Option<(String, String)>,
+    ) -> Result<(), AuditError> {
+        if let Some((serial, reason)) = revoke {
             let r = Revocation {
                 serial: serial.clone(),
                 reason,
@@ -235,9 +381,7 @@ impl AuditStore {
             let v = serde_json::to_vec(&r).map_err(|e| AuditError::Encode(e.to_string()))?;
             self.revoked.insert(serial.as_bytes(), v)?;
         }
-        chain.seq = rec.seq;
-        chain.hash = hash;
-        Ok(rec)
+        Ok(())
     }
 
     /// Makes everything written so far durable.
@@ -262,16 +406,52 @@ impl AuditStore {
         }
     }
 
+    /// The record with sequence number `seq`, if the log still holds it.
+    fn record_at(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+        let Some(item) = self.records.range(..=seq_key(seq)).next_back() else {
+            return Ok(None);
+        };
+        let (_, v) = item?;
+        for decoded in record::decode_all(&v) {
+            let (_, _, rec) = decoded.map_err(AuditError::Io)?;
+            if rec.seq == seq {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where the record that issued `serial` is: in its clock bucket, or for serials
+    /// indexed one by one (older stores), in `serials`.
+    fn seq_of_serial(&self, serial: &str) -> Result<Option<u64>, AuditError> {
+        if let Some(bucket) = clock_bucket(serial) {
+            for item in self.by_clock.scan_prefix(bucket) {
+                let (_, lines) = item?;
+                let found = String::from_utf8_lossy(&lines).lines().find_map(|line| {
+                    let (s, seq) = line.split_once(' ')?;
+                    (s == serial).then(|| seq.parse::<u64>().ok()).flatten()
+                });
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+        }
+        Ok(self
+            .serials
+            .get(serial.as_bytes())?
+            .and_then(|v| seq_of(&v)))
+    }
+
     /// Whether `serial` was issued by this CA (according to the log).
     pub fn issued_record(&self, serial: &str) -> Result<Option<AuditRecord>, AuditError> {
-        let Some(seq) = self.serials.get(serial.as_bytes())? else {
+        let Some(seq) = self.seq_of_serial(serial)? else {
             return Ok(None);
         };
-        let Some(v) = self.records.get(seq)? else {
-            return Ok(None);
-        };
-        let (_, _, rec) = record::decode(&v).map_err(AuditError::Io)?;
-        Ok(Some(rec))
+        // The index is written after the records; check that it points at this serial.
+        Ok(self.record_at(seq)?.filter(|rec| {
+            rec.decision.outcome == Some(Outcome::Issued)
+                && rec.decision.serial.as_deref() == Some(serial)
+        }))
     }
 
     /// The revocation of `serial`, if any.
@@ -291,9 +471,9 @@ impl AuditStore {
             out.push(r);
         }
         if let Some(rev) = self.revocation(serial)?
-            && let Some(v) = self.records.get(seq_key(rev.seq))?
+            && let Some(rec) = self.record_at(rev.seq)?
         {
-            out.push(record::decode(&v).map_err(AuditError::Io)?.2);
+            out.push(rec);
         }
         Ok(out)
     }
@@ -308,33 +488,35 @@ impl AuditStore {
             None => None,
         };
         let mut out = Vec::new();
-        for item in self.records.iter().rev() {
+        'values: for item in self.records.iter().rev() {
             let (_, v) = item?;
-            let Ok((_, _, rec)) = record::decode(&v) else {
-                continue;
-            };
-            if let Some(since) = since {
-                match OffsetDateTime::parse(&rec.time, &Rfc3339) {
-                    // Records are in time order: nothing older can match.
-                    Ok(t) if t < since => break,
-                    _ => {}
+            for decoded in record::decode_all(&v).into_iter().rev() {
+                let Ok((_, _, rec)) = decoded else {
+                    continue;
+                };
+                if let Some(since) = since {
+                    match OffsetDateTime::parse(&rec.time, &Rfc3339) {
+                        // Records are in time order: nothing older can match.
+                        Ok(t) if t < since => break 'values,
+                        _ => {}
+                    }
                 }
-            }
-            if filter
-                .outcome
-                .is_some_and(|o| rec.decision.outcome != Some(o))
-            {
-                continue;
-            }
-            if let Some(id) = &filter.identity
-                && rec.decision.caller.as_deref() != Some(id)
-                && rec.decision.spiffe_id.as_deref() != Some(id)
-            {
-                continue;
-            }
-            out.push(rec);
-            if filter.limit > 0 && out.len() >= filter.limit {
-                break;
+                if filter
+                    .outcome
+                    .is_some_and(|o| rec.decision.outcome != Some(o))
+                {
+                    continue;
+                }
+                if let Some(id) = &filter.identity
+                    && rec.decision.caller.as_deref() != Some(id)
+                    && rec.decision.spiffe_id.as_deref() != Some(id)
+                {
+                    continue;
+                }
+                out.push(rec);
+                if filter.limit > 0 && out.len() >= filter.limit {
+                    break 'values;
+                }
             }
         }
         out.reverse();
@@ -357,43 +539,65 @@ impl AuditStore {
         let mut expected = anchor.seq;
         let mut prev = anchor.hash.clone();
         let mut last_seen = anchor.seq.saturating_sub(1);
-        for item in self.records.range(seq_key(anchor.seq)..) {
+        // Values are keyed by their first record; the anchor may sit inside a value
+        // whose older records were written before retention moved it.
+        let start = match self.records.range(..=seq_key(anchor.seq)).next_back() {
+            Some(item) => item?.0.to_vec(),
+            None => seq_key(anchor.seq).to_vec(),
+        };
+        for item in self.records.range(start..) {
             let (k, v) = item?;
-            let Some(seq) = seq_of(&k) else {
+            let Some(key) = seq_of(&k) else {
                 report.problems.push("a record has a malformed key".into());
                 continue;
             };
-            if seq != expected {
-                report.problems.push(if seq == expected + 1 {
-                    format!("record {expected} is missing (deleted)")
-                } else {
-                    format!("records {expected} to {} are missing (deleted)", seq - 1)
-                });
-            }
-            match record::decode(&v) {
-                Err(e) => report.problems.push(format!("record {seq}: {e}")),
-                Ok((stated, actual, rec)) => {
-                    if stated != actual {
-                        report.problems.push(format!(
-                            "record {seq} was modified (its hash does not match its content)"
-                        ));
-                    } else if rec.seq != seq {
-                        report.problems.push(format!(
-                            "record stored at {seq} claims to be record {}",
-                            rec.seq
-                        ));
-                    } else if rec.prev_hash != prev && seq == expected {
-                        report.problems.push(format!(
-                            "record {seq} does not follow record {} (the chain is broken: an earlier record was rewritten)",
-                            seq.saturating_sub(1)
-                        ));
+            for (i, decoded) in record::decode_all(&v).into_iter().enumerate() {
+                let position = key + i as u64;
+                let (stated, actual, rec) = match decoded {
+                    Ok(d) => d,
+                    Err(e) => {
+                        report.problems.push(format!("record {position}: {e}"));
+                        report.checked += 1;
+                        expected = position + 1;
+                        last_seen = position;
+                        continue;
                     }
-                    prev = stated;
+                };
+                // A record's own sequence number is covered by its hash; trust it
+                // unless the body was edited.
+                let seq = if stated == actual { rec.seq } else { position };
+                if seq < anchor.seq {
+                    continue;
                 }
+                if seq != expected {
+                    report.problems.push(if seq == expected + 1 {
+                        format!("record {expected} is missing (deleted)")
+                    } else if seq > expected {
+                        format!("records {expected} to {} are missing (deleted)", seq - 1)
+                    } else {
+                        format!("record {seq} appears again after record {}", expected - 1)
+                    });
+                }
+                if stated != actual {
+                    report.problems.push(format!(
+                        "record {seq} was modified (its hash does not match its content)"
+                    ));
+                } else if i == 0 && rec.seq != key {
+                    report.problems.push(format!(
+                        "record stored at {key} claims to be record {}",
+                        rec.seq
+                    ));
+                } else if rec.prev_hash != prev && seq == expected {
+                    report.problems.push(format!(
+                        "record {seq} does not follow record {} (the chain is broken: an earlier record was rewritten)",
+                        seq.saturating_sub(1)
+                    ));
+                }
+                prev = stated;
+                report.checked += 1;
+                expected = seq + 1;
+                last_seen = seq;
             }
-            report.checked += 1;
-            expected = seq + 1;
-            last_seen = seq;
         }
         report.head_seq = last_seen;
         report.head_hash = prev.clone();
@@ -415,34 +619,40 @@ impl AuditStore {
         Ok(report)
     }
 
-    /// Deletes records older than `cutoff`, keeping the newest record so the chain
-    /// continues, and moves the verification anchor first (crash-safe order).
+    /// Deletes records older than `cutoff`, keeping the newest group commit so the
+    /// chain continues, and moves the verification anchor first (crash-safe order).
+    /// A value goes only when all its records are older than the cutoff, so a few
+    /// records written in the same group commit as a newer one stay a little longer.
     pub fn prune_before(&self, cutoff: OffsetDateTime) -> Result<u64, AuditError> {
-        let mut doomed = Vec::new();
+        let mut doomed: Vec<(sled::IVec, Vec<Option<String>>)> = Vec::new();
         let mut new_anchor: Option<ChainPoint> = None;
-        let last = self.records.last()?.and_then(|(k, _)| seq_of(&k));
+        let last = self.records.last()?.map(|(k, _)| k);
         for item in self.records.iter() {
             let (k, v) = item?;
-            let Some(seq) = seq_of(&k) else { continue };
-            let Ok((_, _, rec)) = record::decode(&v) else {
+            let Ok(recs) = record::decode_all(&v)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+            else {
                 break;
             };
-            let old = OffsetDateTime::parse(&rec.time, &Rfc3339)
+            let (Some((_, _, first)), Some((_, _, newest))) = (recs.first(), recs.last()) else {
+                break;
+            };
+            let old = OffsetDateTime::parse(&newest.time, &Rfc3339)
                 .map(|t| t < cutoff)
                 .unwrap_or(false);
-            if !old || Some(seq) == last {
+            if !old || Some(&k) == last.as_ref() {
                 new_anchor = Some(ChainPoint {
-                    seq,
-                    hash: rec.prev_hash,
+                    seq: first.seq,
+                    hash: first.prev_hash.clone(),
                 });
                 break;
             }
-            doomed.push((
-                seq,
-                rec.decision
-                    .serial
-                    .filter(|_| rec.decision.outcome == Some(Outcome::Issued)),
-            ));
+            let serials = recs
+                .into_iter()
+                .map(|(_, _, rec)| issued_serial(&rec).map(str::to_owned))
+                .collect();
+            doomed.push((k, serials));
         }
         let (Some(anchor), false) = (new_anchor, doomed.is_empty()) else {
             return Ok(0);
@@ -450,14 +660,20 @@ impl AuditStore {
         let v = serde_json::to_vec(&anchor).map_err(|e| AuditError::Encode(e.to_string()))?;
         self.meta.insert("anchor", v)?;
         self.db.flush()?;
-        for (seq, serial) in &doomed {
-            self.records.remove(seq_key(*seq))?;
-            if let Some(s) = serial {
+        let mut pruned = 0;
+        for (key, serials) in &doomed {
+            self.records.remove(key)?;
+            let first_seq = seq_of(key).unwrap_or_default();
+            for s in serials.iter().flatten() {
+                if let Some(bucket) = clock_bucket(s) {
+                    self.by_clock.remove(by_clock_key(bucket, first_seq))?;
+                }
                 self.serials.remove(s.as_bytes())?;
             }
+            pruned += serials.len() as u64;
         }
         self.db.flush()?;
-        Ok(doomed.len() as u64)
+        Ok(pruned)
     }
 }
 
@@ -465,6 +681,20 @@ impl AuditStore {
 mod tests {
     use super::*;
     use crate::audit::Api;
+
+    /// Opens a store this process has just dropped. sled releases its file lock when
+    /// its last background I/O job ends, which can be a moment after the drop.
+    fn reopen(dir: &Path) -> AuditStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match AuditStore::open(dir) {
+                Err(AuditError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
 
     fn decision(i: u64) -> Append {
         Append {
@@ -483,8 +713,11 @@ mod tests {
     fn retention_prunes_without_breaking_verification() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path()).unwrap();
-        for r in store.write_batch((1..=5).map(decision).collect()) {
-            r.unwrap();
+        // Five group commits of one record each.
+        for i in 1..=5 {
+            for r in store.write_batch(vec![decision(i)]) {
+                r.unwrap();
+            }
         }
         store.flush_blocking().unwrap();
         assert_eq!(
@@ -516,7 +749,7 @@ mod tests {
         }
         store.flush_blocking().unwrap();
         drop(store);
-        let store = AuditStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let report = store.verify().unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!((report.first_seq, report.head_seq), (5, 7));
@@ -550,8 +783,204 @@ mod tests {
             store.publish_revocations(&written);
             assert!(store.revoked_set().read().unwrap().contains("9"));
         }
-        let store = AuditStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert!(store.revoked_set().read().unwrap().contains("9"));
         assert_eq!(store.revocation("9").unwrap().unwrap().reason, "test");
+    }
+
+    fn write(store: &AuditStore, range: std::ops::RangeInclusive<u64>) -> Vec<AuditRecord> {
+        let written = store
+            .write_batch(range.map(decision).collect())
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        store.flush_blocking().unwrap();
+        written
+    }
+
+    fn problems(store: &AuditStore) -> Vec<String> {
+        store.verify().unwrap().problems
+    }
+
+    #[test]
+    fn a_group_commit_shares_values_and_every_record_stays_reachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path()).unwrap();
+        let written = write(&store, 1..=3);
+        assert_eq!(written.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(store.records.len(), 1, "one value for a small batch");
+        // A large batch is split into values of bounded size.
+        write(&store, 4..=200);
+        let values = store.records.len();
+        assert!(values > 2, "{values} values");
+        for (_, v) in store.records.iter().map(Result::unwrap) {
+            // Closed at VALUE_BYTES, plus the record that crossed it.
+            assert!(v.len() < VALUE_BYTES + 2048, "{} bytes", v.len());
+        }
+        assert!(problems(&store).is_empty(), "{:?}", problems(&store));
+        for i in [1, 2, 3, 4, 100, 200] {
+            let rec = store.issued_record(&format!("{i:x}")).unwrap().unwrap();
+            assert_eq!(rec.seq, i);
+        }
+        assert!(store.issued_record("fff").unwrap().is_none());
+        let listed = store.list(&ListFilter::default()).unwrap();
+        assert_eq!(listed.len(), 200);
+        assert!(listed.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        let newest = store
+            .list(&ListFilter {
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(newest.iter().map(|r| r.seq).collect::<Vec<_>>(), [199, 200]);
+        // The chain continues across a restart.
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(write(&store, 201..=201)[0].seq, 201);
+        let report = store.verify().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.checked, report.head_seq), (201, 201));
+    }
+
+    /// Rewrites the value holding records 1..=3 with `f` applied to its lines.
+    fn tamper_first_value(store: &AuditStore, f: impl FnOnce(&mut Vec<String>)) -> sled::IVec {
+        let original = store.records.get(seq_key(1)).unwrap().unwrap();
+        let mut lines: Vec<String> = String::from_utf8(original.to_vec())
+            .unwrap()
+            .split('\n')
+            .map(str::to_owned)
+            .collect();
+        f(&mut lines);
+        store
+            .records
+            .insert(seq_key(1), lines.join("\n").as_bytes())
+            .unwrap();
+        original
+    }
+
+    #[test]
+    fn verify_finds_edits_and_deletions_inside_a_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path()).unwrap();
+        write(&store, 1..=3);
+        write(&store, 4..=4);
+        assert!(problems(&store).is_empty());
+        type Tamper = fn(&mut Vec<String>);
+        // Lines are hash, body, hash, body, ...
+        let cases: [(Tamper, &str); 4] = [
+            // Edit record 2's body.
+            (
+                |l| l[3] = l[3].replace("/sa/s2", "/sa/xx"),
+                "record 2 was modified",
+            ),
+            // Edit it and restate its hash: record 3 no longer follows it.
+            (
+                |l| {
+                    l[3] = l[3].replace("/sa/s2", "/sa/xx");
+                    l[2] = ca_core::x509::sha256_hex(l[3].as_bytes());
+                },
+                "record 3 does not follow record 2",
+            ),
+            // Drop record 2 from the middle of the value.
+            (
+                |l| {
+                    l.drain(2..4);
+                },
+                "record 2 is missing",
+            ),
+            // Drop record 3, the last of its value.
+            (|l| l.truncate(4), "record 3 is missing"),
+        ];
+        for (tamper, expected) in cases {
+            let original = tamper_first_value(&store, tamper);
+            let found = problems(&store);
+            assert!(
+                found.iter().any(|p| p.contains(expected)),
+                "{expected:?} not in {found:?}"
+            );
+            store.records.insert(seq_key(1), original).unwrap();
+            assert!(problems(&store).is_empty());
+        }
+    }
+
+    #[test]
+    fn retention_prunes_whole_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path()).unwrap();
+        write(&store, 1..=3);
+        write(&store, 4..=5);
+        write(&store, 6..=6);
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        assert_eq!(store.prune_before(future).unwrap(), 5);
+        let report = store.verify().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.first_seq, report.checked), (6, 1));
+        assert!(store.issued_record("3").unwrap().is_none());
+        assert!(store.issued_record("6").unwrap().is_some());
+    }
+
+    fn clock_serial() -> String {
+        ca_core::x509::hex(
+            &ca_core::authority::random_serial(&ring::rand::SystemRandom::new()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn serials_are_indexed_per_value_by_their_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path()).unwrap();
+        let serials: Vec<String> = (0..40).map(|_| clock_serial()).collect();
+        let batch = |range: std::ops::Range<usize>| {
+            range
+                .map(|i| {
+                    let mut d = decision(i as u64);
+                    d.decision.serial = Some(serials[i].clone());
+                    d
+                })
+                .collect::<Vec<_>>()
+        };
+        for r in store.write_batch(batch(0..30)) {
+            r.unwrap();
+        }
+        // A denial carries no serial and is not indexed.
+        let mut denied = decision(99);
+        denied.decision.outcome = Some(Outcome::Denied);
+        denied.decision.serial = None;
+        let mut rest = batch(30..40);
+        rest.push(denied);
+        for r in store.write_batch(rest) {
+            r.unwrap();
+        }
+        store.flush_blocking().unwrap();
+        let values = store.records.len();
+        assert!(
+            store.by_clock.len() <= 2 * values,
+            "{} index entries for {values} values",
+            store.by_clock.len()
+        );
+        assert_eq!(store.serials.len(), 0, "no per-certificate entries");
+        for (i, serial) in serials.iter().enumerate() {
+            let rec = store.issued_record(serial).unwrap().unwrap();
+            assert_eq!(rec.seq, i as u64 + 1);
+        }
+        // Same bucket, different serial: not found.
+        let mut other = serials[0].clone().into_bytes();
+        other[31] = if other[31] == b'0' { b'1' } else { b'0' };
+        assert!(
+            store
+                .issued_record(std::str::from_utf8(&other).unwrap())
+                .unwrap()
+                .is_none()
+        );
+        // Pruning removes the index entries of what it prunes.
+        for r in store.write_batch(vec![decision(1000)]) {
+            r.unwrap();
+        }
+        store.flush_blocking().unwrap();
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        assert_eq!(store.prune_before(future).unwrap(), 41);
+        assert_eq!(store.by_clock.len(), 0);
+        assert!(store.issued_record(&serials[5]).unwrap().is_none());
+        assert!(problems(&store).is_empty(), "{:?}", problems(&store));
     }
 }
