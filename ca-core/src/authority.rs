@@ -578,6 +578,12 @@ mod tests {
         assert!(!issued.facts.is_ca && !issued.facts.ku_ca_usages);
         assert_eq!(issued.facts.spki_der, key.subject_public_key_info());
         assert!(issued.facts.serial.len() >= 16);
+        // The re-check's parser and a second one read the same leaf.
+        let mut second = x509::tests::facts_by_x509_cert(&issued.der);
+        let mut facts = issued.facts.clone();
+        second.ekus.sort();
+        facts.ekus.sort();
+        assert_eq!(facts, second);
     }
 
     #[test]
