@@ -2,7 +2,8 @@
 //! real `AuditStore` in group-commit batches (write, then one flush per batch, as the
 //! server's writer does) and reports CPU time, disk and memory per record as the store
 //! grows. `--serials random` replays the old serial scheme (16 random bytes) to show
-//! what the key order of the serial index costs.
+//! what the key order of the serial index costs; `--retain-seconds` prunes as
+//! retention does. Disk bytes per record are per record still held.
 #![forbid(unsafe_code)]
 
 // The server's allocator, so the figures are the server's.
@@ -41,6 +42,10 @@ struct Args {
     /// Report every this many records.
     #[arg(long, default_value_t = 100_000)]
     every: u64,
+    /// At every report, prune records older than this many seconds, as retention
+    /// does (to see whether pruning gives back memory and disk).
+    #[arg(long)]
+    retain_seconds: Option<u64>,
     /// Where to put the store [default: a temporary directory].
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -136,8 +141,11 @@ fn main() {
         args.serials,
         dir.display()
     );
-    println!("| records | records/s | CPU µs per record | disk bytes per record | RSS MiB |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| records | records/s | CPU µs per record | disk MiB | disk bytes per record | RSS MiB | pruned so far |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut pruned = 0;
     let (start, cpu_start) = (Instant::now(), cpu_seconds());
     let (mut window, mut cpu_window) = (Instant::now(), cpu_start);
     let (mut written, mut reported) = (0, 0);
@@ -155,12 +163,18 @@ fn main() {
         if written / args.every > before / args.every || written == args.records {
             let span = (written - reported) as f64;
             reported = written;
+            if let Some(secs) = args.retain_seconds {
+                let cutoff = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs as i64);
+                pruned += store.prune_before(cutoff).expect("prune");
+            }
             let (now, cpu) = (Instant::now(), cpu_seconds());
+            let disk = disk_bytes(&dir);
             println!(
-                "| {written} | {:.0} | {:.1} | {} | {} |",
+                "| {written} | {:.0} | {:.1} | {} | {} | {} | {pruned} |",
                 span / (now - window).as_secs_f64(),
                 (cpu - cpu_window) * 1e6 / span,
-                disk_bytes(&dir) / written,
+                disk >> 20,
+                disk / (written - pruned).max(1),
                 rss_mib()
             );
             (window, cpu_window) = (now, cpu);
