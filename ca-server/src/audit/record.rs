@@ -141,15 +141,38 @@ pub fn encode(record: &AuditRecord) -> Result<(String, Vec<u8>), serde_json::Err
     Ok((hash, stored))
 }
 
-/// One record decoded from storage: the hash it states, the hash of its body as stored
-/// now (they differ when the body was edited), and the record.
-pub type Decoded = (String, String, AuditRecord);
+/// One record as stored in a value: the hash it states and its JSON body.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame<'a> {
+    /// The hash the record states for its body (64 hex characters when well formed).
+    pub stated: &'a [u8],
+    /// The JSON body, exactly as stored.
+    pub body: &'a [u8],
+}
 
-/// Decodes a stored value into its records, in order. A value holds the records of one
+impl Frame<'_> {
+    /// The stated hash, as text.
+    pub fn stated_hash(&self) -> String {
+        String::from_utf8_lossy(self.stated).into_owned()
+    }
+
+    /// Whether the body still hashes to what the record states (false after an edit).
+    /// Only verification needs this; readers trust the store.
+    pub fn intact(&self) -> bool {
+        ca_core::x509::sha256_hex(self.body).as_bytes() == self.stated
+    }
+
+    /// The record.
+    pub fn record(&self) -> Result<AuditRecord, String> {
+        serde_json::from_slice(self.body).map_err(|e| format!("record body does not parse: {e}"))
+    }
+}
+
+/// Splits a stored value into its records, in order. A value holds the records of one
 /// group commit, each encoded as by [`encode`] and separated by a newline (a compact
 /// JSON body never contains one). A value written before values held batches is one
 /// record, the same format. A framing error ends the value.
-pub fn decode_all(stored: &[u8]) -> Vec<Result<Decoded, String>> {
+pub fn frames(stored: &[u8]) -> Vec<Result<Frame<'_>, String>> {
     let mut out = Vec::new();
     let mut rest = stored;
     while !rest.is_empty() {
@@ -157,23 +180,27 @@ pub fn decode_all(stored: &[u8]) -> Vec<Result<Decoded, String>> {
             out.push(Err("record is not framed as hash + body".into()));
             break;
         }
-        let stated = String::from_utf8_lossy(&rest[..64]).into_owned();
         let after = &rest[65..];
         let end = after
             .iter()
             .position(|b| *b == b'\n')
             .unwrap_or(after.len());
-        let body = &after[..end];
+        out.push(Ok(Frame {
+            stated: &rest[..64],
+            body: &after[..end],
+        }));
         rest = after.get(end + 1..).unwrap_or_default();
-        let actual = ca_core::x509::sha256_hex(body);
-        out.push(
-            serde_json::from_slice(body)
-                .map(|record| (stated, actual, record))
-                .map_err(|e| format!("record body does not parse: {e}")),
-        );
     }
     if out.is_empty() {
         out.push(Err("empty value".into()));
     }
     out
+}
+
+/// Every record of a stored value, in order (see [`frames`]).
+pub fn records(stored: &[u8]) -> Result<Vec<(Frame<'_>, AuditRecord)>, String> {
+    frames(stored)
+        .into_iter()
+        .map(|f| f.and_then(|f| Ok((f, f.record()?))))
+        .collect()
 }

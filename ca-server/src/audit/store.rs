@@ -2,7 +2,7 @@
 //!
 //! Trees:
 //! - `records`: big-endian `seq` of a value's first record → the records of one group
-//!   commit, each `hash\nbody`, newline-separated (see [`super::record::decode_all`]),
+//!   commit, each `hash\nbody`, newline-separated (see [`super::record::frames`]),
 //! - `by-clock`: the issued serials of one value whose issuance clock (see
 //!   [`ca_core::authority::serial_clock_nanos`]) falls in one 10 ms bucket: key
 //!   `bucket ‖ seq of the value's first record`, value `serial seq` lines,
@@ -212,13 +212,13 @@ impl AuditStore {
         let meta = db.open_tree("meta")?;
         let chain = match records.last()? {
             Some((_, v)) => {
-                let newest = record::decode_all(&v).pop();
-                let (stated, _, rec) = newest
+                let newest = record::frames(&v)
+                    .pop()
                     .unwrap_or_else(|| Err("empty value".into()))
                     .map_err(AuditError::Io)?;
                 ChainPoint {
-                    seq: rec.seq,
-                    hash: stated,
+                    seq: newest.record().map_err(AuditError::Io)?.seq,
+                    hash: newest.stated_hash(),
                 }
             }
             None => match meta.get("head")? {
@@ -406,19 +406,19 @@ impl AuditStore {
         }
     }
 
-    /// The record with sequence number `seq`, if the log still holds it.
+    /// The record with sequence number `seq`, if the log still holds it. A value holds
+    /// consecutive records from its key on, so only that one record is parsed.
     fn record_at(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
         let Some(item) = self.records.range(..=seq_key(seq)).next_back() else {
             return Ok(None);
         };
-        let (_, v) = item?;
-        for decoded in record::decode_all(&v) {
-            let (_, _, rec) = decoded.map_err(AuditError::Io)?;
-            if rec.seq == seq {
-                return Ok(Some(rec));
-            }
-        }
-        Ok(None)
+        let (k, v) = item?;
+        let position = seq_of(&k).and_then(|first| usize::try_from(seq - first).ok());
+        let Some(frame) = position.and_then(|i| record::frames(&v).into_iter().nth(i)) else {
+            return Ok(None);
+        };
+        let rec = frame.and_then(|f| f.record()).map_err(AuditError::Io)?;
+        Ok((rec.seq == seq).then_some(rec))
     }
 
     /// Where the record that issued `serial` is: in its clock bucket, or for serials
@@ -448,10 +448,9 @@ impl AuditStore {
             return Ok(None);
         };
         // The index is written after the records; check that it points at this serial.
-        Ok(self.record_at(seq)?.filter(|rec| {
-            rec.decision.outcome == Some(Outcome::Issued)
-                && rec.decision.serial.as_deref() == Some(serial)
-        }))
+        Ok(self
+            .record_at(seq)?
+            .filter(|rec| issued_serial(rec) == Some(serial)))
     }
 
     /// The revocation of `serial`, if any.
@@ -490,8 +489,8 @@ impl AuditStore {
         let mut out = Vec::new();
         'values: for item in self.records.iter().rev() {
             let (_, v) = item?;
-            for decoded in record::decode_all(&v).into_iter().rev() {
-                let Ok((_, _, rec)) = decoded else {
+            for frame in record::frames(&v).into_iter().rev() {
+                let Ok(rec) = frame.and_then(|f| f.record()) else {
                     continue;
                 };
                 if let Some(since) = since {
@@ -551,9 +550,9 @@ impl AuditStore {
                 report.problems.push("a record has a malformed key".into());
                 continue;
             };
-            for (i, decoded) in record::decode_all(&v).into_iter().enumerate() {
+            for (i, frame) in record::frames(&v).into_iter().enumerate() {
                 let position = key + i as u64;
-                let (stated, actual, rec) = match decoded {
+                let (frame, rec) = match frame.and_then(|f| Ok((f, f.record()?))) {
                     Ok(d) => d,
                     Err(e) => {
                         report.problems.push(format!("record {position}: {e}"));
@@ -563,9 +562,10 @@ impl AuditStore {
                         continue;
                     }
                 };
+                let intact = frame.intact();
                 // A record's own sequence number is covered by its hash; trust it
                 // unless the body was edited.
-                let seq = if stated == actual { rec.seq } else { position };
+                let seq = if intact { rec.seq } else { position };
                 if seq < anchor.seq {
                     continue;
                 }
@@ -578,7 +578,7 @@ impl AuditStore {
                         format!("record {seq} appears again after record {}", expected - 1)
                     });
                 }
-                if stated != actual {
+                if !intact {
                     report.problems.push(format!(
                         "record {seq} was modified (its hash does not match its content)"
                     ));
@@ -593,7 +593,7 @@ impl AuditStore {
                         seq.saturating_sub(1)
                     ));
                 }
-                prev = stated;
+                prev = frame.stated_hash();
                 report.checked += 1;
                 expected = seq + 1;
                 last_seen = seq;
@@ -624,18 +624,16 @@ impl AuditStore {
     /// A value goes only when all its records are older than the cutoff, so a few
     /// records written in the same group commit as a newer one stay a little longer.
     pub fn prune_before(&self, cutoff: OffsetDateTime) -> Result<u64, AuditError> {
-        let mut doomed: Vec<(sled::IVec, Vec<Option<String>>)> = Vec::new();
+        // Each doomed value: its key, how many records it holds, their issued serials.
+        let mut doomed: Vec<(sled::IVec, u64, Vec<String>)> = Vec::new();
         let mut new_anchor: Option<ChainPoint> = None;
         let last = self.records.last()?.map(|(k, _)| k);
         for item in self.records.iter() {
             let (k, v) = item?;
-            let Ok(recs) = record::decode_all(&v)
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-            else {
+            let Ok(recs) = record::records(&v) else {
                 break;
             };
-            let (Some((_, _, first)), Some((_, _, newest))) = (recs.first(), recs.last()) else {
+            let (Some((_, first)), Some((_, newest))) = (recs.first(), recs.last()) else {
                 break;
             };
             let old = OffsetDateTime::parse(&newest.time, &Rfc3339)
@@ -649,10 +647,10 @@ impl AuditStore {
                 break;
             }
             let serials = recs
-                .into_iter()
-                .map(|(_, _, rec)| issued_serial(&rec).map(str::to_owned))
+                .iter()
+                .filter_map(|(_, rec)| issued_serial(rec).map(str::to_owned))
                 .collect();
-            doomed.push((k, serials));
+            doomed.push((k, recs.len() as u64, serials));
         }
         let (Some(anchor), false) = (new_anchor, doomed.is_empty()) else {
             return Ok(0);
@@ -661,16 +659,19 @@ impl AuditStore {
         self.meta.insert("anchor", v)?;
         self.db.flush()?;
         let mut pruned = 0;
-        for (key, serials) in &doomed {
+        for (key, records, serials) in &doomed {
             self.records.remove(key)?;
             let first_seq = seq_of(key).unwrap_or_default();
-            for s in serials.iter().flatten() {
-                if let Some(bucket) = clock_bucket(s) {
-                    self.by_clock.remove(by_clock_key(bucket, first_seq))?;
-                }
+            let buckets: std::collections::BTreeSet<_> =
+                serials.iter().filter_map(|s| clock_bucket(s)).collect();
+            for bucket in buckets {
+                self.by_clock.remove(by_clock_key(bucket, first_seq))?;
+            }
+            // Older stores indexed serials one by one, and their shape does not tell.
+            for s in serials {
                 self.serials.remove(s.as_bytes())?;
             }
-            pruned += serials.len() as u64;
+            pruned += records;
         }
         self.db.flush()?;
         Ok(pruned)
@@ -709,17 +710,29 @@ mod tests {
         }
     }
 
+    /// One group commit of `appends`, flushed; every record must be written.
+    fn write_appends(store: &AuditStore, appends: Vec<Append>) -> Vec<AuditRecord> {
+        let written = store
+            .write_batch(appends)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        store.flush_blocking().unwrap();
+        written
+    }
+
+    fn write(store: &AuditStore, range: std::ops::RangeInclusive<u64>) -> Vec<AuditRecord> {
+        write_appends(store, range.map(decision).collect())
+    }
+
     #[test]
     fn retention_prunes_without_breaking_verification() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path()).unwrap();
         // Five group commits of one record each.
         for i in 1..=5 {
-            for r in store.write_batch(vec![decision(i)]) {
-                r.unwrap();
-            }
+            write(&store, i..=i);
         }
-        store.flush_blocking().unwrap();
         assert_eq!(
             store
                 .prune_before(OffsetDateTime::now_utc() - time::Duration::days(1))
@@ -744,10 +757,7 @@ mod tests {
             "pruned serial index entries go too"
         );
         assert!(store.issued_record("5").unwrap().is_some());
-        for r in store.write_batch((6..=7).map(decision).collect()) {
-            r.unwrap();
-        }
-        store.flush_blocking().unwrap();
+        write(&store, 6..=7);
         drop(store);
         let store = reopen(dir.path());
         let report = store.verify().unwrap();
@@ -774,28 +784,13 @@ mod tests {
             let mut d = decision(9);
             d.decision.outcome = Some(Outcome::Revoked);
             d.revoke = Some(("9".into(), "test".into()));
-            let written: Vec<_> = store
-                .write_batch(vec![d])
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
-            store.flush_blocking().unwrap();
+            let written = write_appends(&store, vec![d]);
             store.publish_revocations(&written);
             assert!(store.revoked_set().read().unwrap().contains("9"));
         }
         let store = reopen(dir.path());
         assert!(store.revoked_set().read().unwrap().contains("9"));
         assert_eq!(store.revocation("9").unwrap().unwrap().reason, "test");
-    }
-
-    fn write(store: &AuditStore, range: std::ops::RangeInclusive<u64>) -> Vec<AuditRecord> {
-        let written = store
-            .write_batch(range.map(decision).collect())
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        store.flush_blocking().unwrap();
-        written
     }
 
     fn problems(store: &AuditStore) -> Vec<String> {
@@ -939,19 +934,14 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        for r in store.write_batch(batch(0..30)) {
-            r.unwrap();
-        }
+        write_appends(&store, batch(0..30));
         // A denial carries no serial and is not indexed.
         let mut denied = decision(99);
         denied.decision.outcome = Some(Outcome::Denied);
         denied.decision.serial = None;
         let mut rest = batch(30..40);
         rest.push(denied);
-        for r in store.write_batch(rest) {
-            r.unwrap();
-        }
-        store.flush_blocking().unwrap();
+        write_appends(&store, rest);
         let values = store.records.len();
         assert!(
             store.by_clock.len() <= 2 * values,
@@ -973,10 +963,7 @@ mod tests {
                 .is_none()
         );
         // Pruning removes the index entries of what it prunes.
-        for r in store.write_batch(vec![decision(1000)]) {
-            r.unwrap();
-        }
-        store.flush_blocking().unwrap();
+        write(&store, 1000..=1000);
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
         assert_eq!(store.prune_before(future).unwrap(), 41);
         assert_eq!(store.by_clock.len(), 0);
