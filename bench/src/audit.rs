@@ -94,7 +94,7 @@ fn disk_bytes(dir: &Path) -> u64 {
 
 fn serial(kind: Serials, rng: &SystemRandom) -> String {
     let bytes = match kind {
-        Serials::Clock => ca_core::authority::random_serial(rng).expect("rng"),
+        Serials::Clock => ca_core::authority::fresh_serial(rng).expect("rng"),
         Serials::Random => {
             let mut b = [0u8; 16];
             rng.fill(&mut b).expect("rng");

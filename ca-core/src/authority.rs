@@ -124,18 +124,19 @@ impl fmt::Debug for CertificateAuthority {
 /// the store; time-ordered keys append at its right edge, and the clock lets the store
 /// index a whole group commit under one key (see `ca-audit-bench` in
 /// docs/BENCHMARKS.md).
-pub fn random_serial(rng: &SystemRandom) -> Result<[u8; 16], IssueError> {
+pub fn fresh_serial(rng: &SystemRandom) -> Result<[u8; 16], IssueError> {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         & CLOCK_BITS;
+    let next = |last: u64| now.max(last + 1) & CLOCK_BITS;
     let previous = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-            Some(now.max(last + 1) & CLOCK_BITS)
+            Some(next(last))
         })
         .unwrap_or_else(|last| last);
-    let clock = now.max(previous + 1) & CLOCK_BITS;
+    let clock = next(previous);
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&(clock | 1 << 62).to_be_bytes());
     rng.fill(&mut bytes[8..])
@@ -147,7 +148,7 @@ const CLOCK_BITS: u64 = (1 << 62) - 1;
 
 /// The issuance clock (nanoseconds since the Unix epoch) of a serial in the hex form
 /// of [`CertFacts::serial`](crate::x509::CertFacts), if it has the shape of one made
-/// by [`random_serial`]. Serials from before the clock existed have the same shape
+/// by [`fresh_serial`]. Serials from before the clock existed have the same shape
 /// with a random clock, so a caller must treat the answer as a hint.
 pub fn serial_clock_nanos(serial_hex: &str) -> Option<u64> {
     if serial_hex.len() != 32 {
@@ -184,7 +185,7 @@ impl CertificateAuthority {
         params.not_before = now - crate::policy::BACKDATE;
         params.not_after = now + lifetime;
         params.serial_number = Some(SerialNumber::from_slice(
-            &random_serial(&rng).map_err(|e| AuthorityError::Certificate(e.to_string()))?,
+            &fresh_serial(&rng).map_err(|e| AuthorityError::Certificate(e.to_string()))?,
         ));
         let cert = params.self_signed(&key)?;
         let der = cert.der().to_vec();
@@ -298,7 +299,7 @@ impl CertificateAuthority {
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
         let validity = self.validity(ttl, now)?;
-        let serial = random_serial(&self.rng)?;
+        let serial = fresh_serial(&self.rng)?;
         // A SpiffeId is ASCII by construction (every component is checked), as the
         // leaf's IA5String SAN requires.
         let spki = public_key.spki_der();
@@ -341,7 +342,7 @@ impl CertificateAuthority {
             public_key.kind,
             sans,
             validity,
-            SerialNumber::from_slice(&random_serial(&self.rng)?),
+            SerialNumber::from_slice(&fresh_serial(&self.rng)?),
         );
         let issued = self.sign(&params, public_key)?;
         if issued.facts.is_ca || issued.facts.san_count != dns_names.len() {
@@ -532,7 +533,7 @@ mod tests {
         let rng = SystemRandom::new();
         let per_thread: Vec<Vec<[u8; 16]>> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| (0..2000).map(|_| random_serial(&rng).unwrap()).collect()))
+                .map(|_| s.spawn(|| (0..2000).map(|_| fresh_serial(&rng).unwrap()).collect()))
                 .collect();
             workers.into_iter().map(|w| w.join().unwrap()).collect()
         });
@@ -646,7 +647,7 @@ mod tests {
                     not_before: now - Duration::from_secs(60),
                     not_after: ca.facts().not_after,
                 };
-                let serial = random_serial(&ca.rng).unwrap();
+                let serial = fresh_serial(&ca.rng).unwrap();
                 let reference = leaf_template(
                     leaf_key.kind,
                     vec![SanType::URI(id.as_str().try_into().unwrap())],

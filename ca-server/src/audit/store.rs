@@ -916,7 +916,7 @@ mod tests {
 
     fn clock_serial() -> String {
         ca_core::x509::hex(
-            &ca_core::authority::random_serial(&ring::rand::SystemRandom::new()).unwrap(),
+            &ca_core::authority::fresh_serial(&ring::rand::SystemRandom::new()).unwrap(),
         )
     }
 
