@@ -6,6 +6,8 @@
 //! retention does. Disk bytes per record are per record still held.
 #![forbid(unsafe_code)]
 
+mod procfs;
+
 // The server's allocator, so the figures are the server's.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -16,6 +18,7 @@ use std::time::Instant;
 use ca_core::x509::{hex, sha256_hex};
 use ca_server::audit::{Api, Append, AuditStore, Decision, Outcome};
 use clap::{Parser, ValueEnum};
+use procfs::cpu_seconds;
 use ring::rand::{SecureRandom, SystemRandom};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -49,34 +52,6 @@ struct Args {
     /// Where to put the store [default: a temporary directory].
     #[arg(long)]
     dir: Option<PathBuf>,
-}
-
-/// User plus system CPU seconds of this process, all threads (sled flushes on its own).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024
 }
 
 fn disk_bytes(dir: &Path) -> u64 {
@@ -146,7 +121,7 @@ fn main() {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut pruned = 0;
-    let (start, cpu_start) = (Instant::now(), cpu_seconds());
+    let (start, cpu_start) = (Instant::now(), cpu_seconds(std::process::id()));
     let (mut window, mut cpu_window) = (Instant::now(), cpu_start);
     let (mut written, mut reported) = (0, 0);
     while written < args.records {
@@ -167,7 +142,7 @@ fn main() {
                 let cutoff = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs as i64);
                 pruned += store.prune_before(cutoff).expect("prune");
             }
-            let (now, cpu) = (Instant::now(), cpu_seconds());
+            let (now, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
             let disk = disk_bytes(&dir);
             println!(
                 "| {written} | {:.0} | {:.1} | {} | {} | {} | {pruned} |",
@@ -175,7 +150,7 @@ fn main() {
                 (cpu - cpu_window) * 1e6 / span,
                 disk >> 20,
                 disk / (written - pruned).max(1),
-                rss_mib()
+                procfs::status_kib(std::process::id(), "VmRSS").unwrap_or(0) / 1024
             );
             (window, cpu_window) = (now, cpu);
         }
@@ -183,6 +158,6 @@ fn main() {
     println!(
         "total: {:.0} records/s, {:.1} CPU µs per record",
         written as f64 / start.elapsed().as_secs_f64(),
-        (cpu_seconds() - cpu_start) * 1e6 / written as f64
+        (cpu_seconds(std::process::id()) - cpu_start) * 1e6 / written as f64
     );
 }

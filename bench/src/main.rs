@@ -11,6 +11,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod grpc_h2;
+mod procfs;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use clap::Parser;
 use e2e::CaProcess;
 use grpc_h2::Connection;
 use istio_ca_proto::IstioCertificateRequest;
+use procfs::cpu_seconds;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
 use time::OffsetDateTime;
@@ -142,17 +144,6 @@ fn crypto_ceiling_per_core(csr_pem: &str, window: Duration) -> (f64, f64) {
         m += 1;
     }
     (raw, m as f64 / started.elapsed().as_secs_f64())
-}
-
-/// User + system CPU time of a process, in seconds (Linux `/proc/PID/stat`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
 }
 
 async fn run_level(
@@ -323,7 +314,7 @@ async fn main() {
     .await;
     // The ceiling again after the load; the higher figure is kept, so machine noise
     // can only make the ratio look worse, never better.
-    let (raw_after, _) = crypto_ceiling_per_core(&csrs[0], Duration::from_secs(3));
+    let raw_after = raw_crypto_rate(Duration::from_secs(3));
     samples.push(raw_after);
     let raw_per_core = samples.iter().copied().fold(0.0, f64::max);
     let ceiling = raw_per_core * cores as f64;
@@ -380,13 +371,9 @@ async fn main() {
         ms(at_half.p99),
         at_half.errors
     );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     for field in ["VmHWM", "VmRSS"] {
-        if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
-            println!(
-                "server {}",
-                line.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
+        if let Some(kib) = procfs::status_kib(pid, field) {
+            println!("server {field}: {kib} kB");
         }
     }
     let metrics = std::process::Command::new("curl")
