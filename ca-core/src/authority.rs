@@ -117,7 +117,8 @@ impl fmt::Debug for CertificateAuthority {
 /// A fresh serial: 16 bytes, positive and of fixed length, so its DER INTEGER needs no
 /// leading zero. The first 8 bytes are a clock (nanoseconds since the Unix epoch, kept
 /// strictly increasing within the process, with bit 62 set), the last 8 are random
-/// (64 bits from the system CSPRNG, what the CA/Browser Forum asks of public CAs).
+/// (64 bits from the system CSPRNG, what the CA/Browser Forum asks of public CAs;
+/// fetched a few kilobytes at a time, see [`SerialEntropy`]).
 ///
 /// Serials are the keys of the audit store's serial index. Random keys land all over
 /// that B-tree, so every record rewrites some old leaf node, and the cost grows with
@@ -139,9 +140,41 @@ pub fn fresh_serial(rng: &SystemRandom) -> Result<[u8; 16], IssueError> {
     let clock = next(previous);
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&(clock | 1 << 62).to_be_bytes());
-    rng.fill(&mut bytes[8..])
-        .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
+    SERIAL_ENTROPY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(rng, &mut bytes[8..])?;
     Ok(bytes)
+}
+
+/// System CSPRNG output for serials, fetched 4 KiB (512 serials) per system call
+/// rather than one call per certificate. A serial's randomness is public once the
+/// certificate is issued; what matters is that nobody can predict it beforehand, and
+/// bytes held here are as unpredictable as bytes fetched later. Each byte is handed
+/// out once and zeroed.
+struct SerialEntropy {
+    bytes: [u8; 4096],
+    used: usize,
+}
+
+static SERIAL_ENTROPY: std::sync::Mutex<SerialEntropy> = std::sync::Mutex::new(SerialEntropy {
+    bytes: [0; 4096],
+    used: 4096,
+});
+
+impl SerialEntropy {
+    fn take(&mut self, rng: &SystemRandom, out: &mut [u8]) -> Result<(), IssueError> {
+        if self.used + out.len() > self.bytes.len() {
+            rng.fill(&mut self.bytes)
+                .map_err(|_| IssueError::Internal("random number generator failed".into()))?;
+            self.used = 0;
+        }
+        let taken = &mut self.bytes[self.used..self.used + out.len()];
+        out.copy_from_slice(taken);
+        taken.fill(0);
+        self.used += out.len();
+        Ok(())
+    }
 }
 
 const CLOCK_BITS: u64 = (1 << 62) - 1;
