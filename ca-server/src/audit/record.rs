@@ -128,17 +128,22 @@ pub struct AuditRecord {
 /// The hash that precedes the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Encodes a record as stored: 64 hex characters of SHA-256 over the JSON body, a
-/// newline, then the body. Hashing the exact stored bytes means any edit is detected,
-/// including fields a reader would not know.
-pub fn encode(record: &AuditRecord) -> Result<(String, Vec<u8>), serde_json::Error> {
-    let body = serde_json::to_vec(record)?;
-    let hash = ca_core::x509::sha256_hex(&body);
-    let mut stored = Vec::with_capacity(65 + body.len());
-    stored.extend_from_slice(hash.as_bytes());
-    stored.push(b'\n');
-    stored.extend_from_slice(&body);
-    Ok((hash, stored))
+/// Appends a record to `out` as stored: 64 hex characters of SHA-256 over the JSON
+/// body, a newline, then the body; returns the hash. Hashing the exact stored bytes
+/// means any edit is detected, including fields a reader would not know. The record
+/// is serialised in place, so a group commit's value is built without copies. On an
+/// error `out` is left as it was.
+pub fn encode_into(record: &AuditRecord, out: &mut Vec<u8>) -> Result<String, serde_json::Error> {
+    let start = out.len();
+    out.extend_from_slice(&[b'0'; 64]);
+    out.push(b'\n');
+    if let Err(e) = serde_json::to_writer(&mut *out, record) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let hash = ca_core::x509::sha256_hex(&out[start + 65..]);
+    out[start..start + 64].copy_from_slice(hash.as_bytes());
+    Ok(hash)
 }
 
 /// One record as stored in a value: the hash it states and its JSON body.

@@ -134,12 +134,22 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const VALUE_BYTES: usize = 6 * 1024;
 
 /// Records encoded for one sled value, not yet inserted.
-#[derive(Default)]
 struct Chunk {
     value: Vec<u8>,
     /// Where the chain stands after the last record of the chunk.
     head: Option<ChainPoint>,
     entries: Vec<ChunkEntry>,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Chunk {
+            // Room for the record that crosses VALUE_BYTES: the value never reallocates.
+            value: Vec::with_capacity(VALUE_BYTES + 2048),
+            head: None,
+            entries: Vec::new(),
+        }
+    }
 }
 
 /// Position in the caller's batch, the record, and its revocation (serial, reason).
@@ -259,7 +269,7 @@ impl AuditStore {
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         let mut slots: Vec<Option<Result<AuditRecord, AuditError>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
-        let mut chunk = Chunk::default();
+        let mut chunk = Chunk::new();
         let time = now_rfc3339();
         for (idx, append) in batch.into_iter().enumerate() {
             if append.decision.outcome.is_none() || append.decision.api.is_none() {
@@ -275,21 +285,28 @@ impl AuditStore {
                 prev_hash: head.hash.clone(),
                 decision: append.decision,
             };
-            let (hash, stored) = match record::encode(&rec) {
-                Ok(encoded) => encoded,
+            let separated = !chunk.value.is_empty();
+            if separated {
+                chunk.value.push(b'\n');
+            }
+            let hash = match record::encode_into(&rec, &mut chunk.value) {
+                Ok(hash) => hash,
                 Err(e) => {
+                    if separated {
+                        chunk.value.pop();
+                    }
                     slots[idx] = Some(Err(AuditError::Encode(e.to_string())));
                     continue;
                 }
             };
-            if !chunk.value.is_empty() {
-                chunk.value.push(b'\n');
-            }
-            chunk.value.extend_from_slice(&stored);
             chunk.head = Some(ChainPoint { seq: rec.seq, hash });
             chunk.entries.push((idx, rec, append.revoke));
             if chunk.value.len() >= VALUE_BYTES {
-                self.commit(&mut chain, std::mem::take(&mut chunk), &mut slots);
+                self.commit(
+                    &mut chain,
+                    std::mem::replace(&mut chunk, Chunk::new()),
+                    &mut slots,
+                );
             }
         }
         self.commit(&mut chain, chunk, &mut slots);
