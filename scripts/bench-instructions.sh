@@ -10,6 +10,10 @@
 #   cargo build --release -p ca-server -p ca-bench
 #   scripts/bench-instructions.sh [path/to/ca-server] [seconds]
 #
+# With KEEP_PROFILE=FILE the callgrind profile is kept there, for
+# `callgrind_annotate --inclusive=yes FILE` (build with `--profile profiling` and pass
+# target/profiling/ca-server to see inlined frames by source line).
+#
 # It runs ca-bench at concurrency 8 against the server under valgrind, zeroes the
 # counters once requests flow, counts for the given seconds (default 15), and divides
 # the instructions by the requests the server counted in that window.
@@ -79,6 +83,10 @@ dump="$(ls "$work"/cg."$vg".* 2>/dev/null | grep -v "cg.$vg$" | head -1)"
 instructions="$(awk '/^summary:/ { print $2; exit }' "$dump")"
 served=$((after - before))
 [ "$served" -gt 0 ] || { echo "bench-instructions: no requests were served" >&2; exit 1; }
+if [ -n "${KEEP_PROFILE:-}" ]; then
+  cp "$dump" "$KEEP_PROFILE"
+  echo "profile: $KEEP_PROFILE"
+fi
 echo "server: $server"
 echo "requests counted: $served"
 echo "instructions: $instructions"
