@@ -73,11 +73,12 @@ pub fn parse_csr(pem: &[u8]) -> Result<Vec<u8>, String> {
     let len = text[start..]
         .find(&end)
         .ok_or_else(|| format!("PEM {label} block has no END line"))?;
-    let body: Vec<u8> = text.as_bytes()[start..start + len]
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    let mut body = Vec::with_capacity(len);
+    body.extend(
+        text.as_bytes()[start..start + len]
+            .iter()
+            .filter(|b| !b.is_ascii_whitespace()),
+    );
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|e| format!("PEM {label} block is not base64: {e}"))

@@ -219,6 +219,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         trust_domain: cfg.trust_domain.clone(),
         authn,
         audit: audit.clone(),
+        issued_metrics: Default::default(),
     });
 
     let grpc_listener = TcpListener::bind(cfg.grpc_addr)
