@@ -102,9 +102,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// types made it three times slower. It is also not the DER writer that built our
 /// leaves (`crate::leaf`), which is the point of a re-check.
 pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("certificate does not parse: {e}"))?;
+    use x509_parser::extensions::{
+        BasicConstraints, ExtendedKeyUsage, GeneralName, KeyUsage, SubjectAlternativeName,
+    };
+    use x509_parser::nom::Parser;
+    use x509_parser::oid_registry::{
+        OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
+        OID_X509_EXT_SUBJECT_ALT_NAME,
+    };
+    use x509_parser::prelude::{FromDer, X509CertificateParser};
+    // Extensions are parsed below, only those the facts come from: the deep parse
+    // also decoded key identifiers and built a map of every extension.
+    let (rest, cert) = X509CertificateParser::new()
+        .with_deep_parse_extensions(false)
+        .parse(der)
+        .map_err(|e| format!("certificate does not parse: {e}"))?;
     if !rest.is_empty() {
         return Err("certificate does not parse: trailing data".into());
     }
@@ -129,44 +141,50 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
         subject_der: tbs.subject.as_raw().to_vec(),
         issuer_der: tbs.issuer.as_raw().to_vec(),
     };
+    /// The whole extension value as `T`, or why not.
+    fn value<'a, T: FromDer<'a, x509_parser::error::X509Error>>(
+        ext: &x509_parser::extensions::X509Extension<'a>,
+    ) -> Result<T, String> {
+        match T::from_der(ext.value) {
+            Ok((rest, parsed)) if rest.is_empty() => Ok(parsed),
+            Ok(_) => Err(format!("bad extension {}: trailing data", ext.oid)),
+            Err(e) => Err(format!("bad extension {}: {e}", ext.oid)),
+        }
+    }
     for ext in tbs.extensions() {
-        match ext.parsed_extension() {
-            ParsedExtension::SubjectAlternativeName(san) => {
-                facts.san_critical = ext.critical;
-                facts.san_count = san.general_names.len();
-                for name in &san.general_names {
-                    if let GeneralName::URI(uri) = name {
-                        facts.uri_sans.push((*uri).to_owned());
-                    }
+        if ext.oid == OID_X509_EXT_SUBJECT_ALT_NAME {
+            let san: SubjectAlternativeName = value(ext)?;
+            facts.san_critical = ext.critical;
+            facts.san_count = san.general_names.len();
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    facts.uri_sans.push((*uri).to_owned());
                 }
             }
-            ParsedExtension::BasicConstraints(bc) => facts.is_ca = bc.ca,
-            ParsedExtension::KeyUsage(ku) => {
-                facts.ku_digital_signature = ku.digital_signature();
-                facts.ku_key_encipherment = ku.key_encipherment();
-                facts.ku_ca_usages = ku.key_cert_sign() || ku.crl_sign();
-            }
-            ParsedExtension::ExtendedKeyUsage(eku) => {
-                let known = [
-                    (eku.any, "2.5.29.37.0"),
-                    (eku.server_auth, EKU_SERVER_AUTH),
-                    (eku.client_auth, EKU_CLIENT_AUTH),
-                    (eku.code_signing, "1.3.6.1.5.5.7.3.3"),
-                    (eku.email_protection, "1.3.6.1.5.5.7.3.4"),
-                    (eku.time_stamping, "1.3.6.1.5.5.7.3.8"),
-                    (eku.ocsp_signing, "1.3.6.1.5.5.7.3.9"),
-                ];
-                facts.ekus = known
-                    .into_iter()
-                    .filter(|(present, _)| *present)
-                    .map(|(_, oid)| oid.to_owned())
-                    .chain(eku.other.iter().map(|oid| oid.to_id_string()))
-                    .collect();
-            }
-            ParsedExtension::ParseError { error } => {
-                return Err(format!("bad extension: {error}"));
-            }
-            _ => {}
+        } else if ext.oid == OID_X509_EXT_BASIC_CONSTRAINTS {
+            facts.is_ca = value::<BasicConstraints>(ext)?.ca;
+        } else if ext.oid == OID_X509_EXT_KEY_USAGE {
+            let ku: KeyUsage = value(ext)?;
+            facts.ku_digital_signature = ku.digital_signature();
+            facts.ku_key_encipherment = ku.key_encipherment();
+            facts.ku_ca_usages = ku.key_cert_sign() || ku.crl_sign();
+        } else if ext.oid == OID_X509_EXT_EXTENDED_KEY_USAGE {
+            let eku: ExtendedKeyUsage = value(ext)?;
+            let known = [
+                (eku.any, "2.5.29.37.0"),
+                (eku.server_auth, EKU_SERVER_AUTH),
+                (eku.client_auth, EKU_CLIENT_AUTH),
+                (eku.code_signing, "1.3.6.1.5.5.7.3.3"),
+                (eku.email_protection, "1.3.6.1.5.5.7.3.4"),
+                (eku.time_stamping, "1.3.6.1.5.5.7.3.8"),
+                (eku.ocsp_signing, "1.3.6.1.5.5.7.3.9"),
+            ];
+            facts.ekus = known
+                .into_iter()
+                .filter(|(present, _)| *present)
+                .map(|(_, oid)| oid.to_owned())
+                .chain(eku.other.iter().map(|oid| oid.to_id_string()))
+                .collect();
         }
     }
     Ok(facts)
@@ -279,6 +297,43 @@ pub(crate) mod tests {
             .to_vec();
         trailing.push(0);
         assert!(super::inspect(&trailing).is_err());
+    }
+
+    #[test]
+    fn a_malformed_fact_extension_is_an_error() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        assert!(super::inspect(&der).is_ok());
+        // The first byte of each extension's value: SAN and basicConstraints hold a
+        // SEQUENCE, keyUsage a BIT STRING. Retagging it keeps every length intact.
+        for (oid, first) in [
+            (&[0x55, 0x1d, 0x11][..], 0x30),
+            (&[0x55, 0x1d, 0x13], 0x30),
+            (&[0x55, 0x1d, 0x0f], 0x03),
+        ] {
+            let at = der
+                .windows(3)
+                .position(|w| w == oid)
+                .expect("extension present");
+            // OID, then an optional critical BOOLEAN, then the OCTET STRING header.
+            let mut i = at + 3;
+            if der[i] == 0x01 {
+                i += 3;
+            }
+            assert_eq!(der[i], 0x04);
+            let value = i + 2;
+            assert_eq!(der[value], first);
+            let mut bad = der.clone();
+            bad[value] = 0x31;
+            let err = super::inspect(&bad).unwrap_err();
+            assert!(err.contains("bad extension"), "{oid:02x?}: {err}");
+        }
     }
 
     #[test]
