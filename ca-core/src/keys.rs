@@ -46,11 +46,30 @@ impl PublicKey {
         &self.raw
     }
 
-    /// DER `SubjectPublicKeyInfo`, as it will appear in the issued certificate.
+    /// DER `SubjectPublicKeyInfo`, as it will appear in the issued certificate. An EC
+    /// key's is a fixed header (algorithm, curve, BIT STRING) before its point; this is
+    /// on every issuance, so only RSA keys go through rcgen's general DER writer.
     pub fn spki_der(&self) -> Vec<u8> {
-        self.subject_public_key_info()
+        let header: &[u8] = match self.kind {
+            KeyKind::EcdsaP256 if self.raw.len() == 65 => P256_SPKI_HEADER,
+            KeyKind::EcdsaP384 if self.raw.len() == 97 => P384_SPKI_HEADER,
+            _ => return self.subject_public_key_info(),
+        };
+        [header, self.raw.as_slice()].concat()
     }
 }
+
+/// SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }
+/// around an uncompressed 65-byte point.
+const P256_SPKI_HEADER: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+/// The same for secp384r1 and a 97-byte point.
+const P384_SPKI_HEADER: &[u8] = &[
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+];
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

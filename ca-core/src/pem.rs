@@ -74,11 +74,9 @@ pub fn parse_csr(pem: &[u8]) -> Result<Vec<u8>, String> {
         .find(&end)
         .ok_or_else(|| format!("PEM {label} block has no END line"))?;
     let mut body = Vec::with_capacity(len);
-    body.extend(
-        text.as_bytes()[start..start + len]
-            .iter()
-            .filter(|b| !b.is_ascii_whitespace()),
-    );
+    for piece in text.as_bytes()[start..start + len].split(u8::is_ascii_whitespace) {
+        body.extend_from_slice(piece);
+    }
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|e| format!("PEM {label} block is not base64: {e}"))
