@@ -146,7 +146,7 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
         ext: &x509_parser::extensions::X509Extension<'a>,
     ) -> Result<T, String> {
         match T::from_der(ext.value) {
-            Ok((rest, parsed)) if rest.is_empty() => Ok(parsed),
+            Ok(([], parsed)) => Ok(parsed),
             Ok(_) => Err(format!("bad extension {}: trailing data", ext.oid)),
             Err(e) => Err(format!("bad extension {}: {e}", ext.oid)),
         }
