@@ -232,18 +232,6 @@ mod tests {
         ));
     }
 
-    /// DER TLV with a definite length (short or long form).
-    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        match body.len() {
-            n if n < 0x80 => out.push(n as u8),
-            n if n < 0x100 => out.extend([0x81, n as u8]),
-            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
-        }
-        out.extend_from_slice(body);
-        out
-    }
-
     /// A CSR's outer parts and the four elements of its `certificationRequestInfo`.
     fn elements(der: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>, Vec<u8>) {
         let mut outer = SliceReader::new(der).unwrap();
@@ -270,8 +258,11 @@ mod tests {
     }
 
     fn assemble(fields: &[Vec<u8>], alg: &[u8], sig: &[u8]) -> Vec<u8> {
-        let info = tlv(0x30, &fields.concat());
-        tlv(0x30, &[info, alg.to_vec(), sig.to_vec()].concat())
+        let mut info = Vec::new();
+        crate::leaf::tlv(&mut info, 0x30, &fields.concat());
+        let mut csr = Vec::new();
+        crate::leaf::tlv(&mut csr, 0x30, &[info, alg.to_vec(), sig.to_vec()].concat());
+        csr
     }
 
     #[test]

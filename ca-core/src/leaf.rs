@@ -160,8 +160,8 @@ impl LeafProfile {
     }
 }
 
-/// Appends tag, DER length and `content`.
-fn tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+/// Appends tag, DER length (shortest definite form) and `content`.
+pub(crate) fn tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     out.push(tag);
     let n = content.len();
     if n < 0x80 {
