@@ -62,16 +62,25 @@ pub fn parse_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, St
 pub fn parse_csr(pem: &[u8]) -> Result<Vec<u8>, String> {
     use base64::Engine;
     let text = std::str::from_utf8(pem).map_err(|_| "CSR is not text".to_string())?;
-    let (label, start) = ["CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"]
+    /// Label, BEGIN line, END line.
+    const BLOCKS: [(&str, &str, &str); 2] = [
+        (
+            "CERTIFICATE REQUEST",
+            "-----BEGIN CERTIFICATE REQUEST-----",
+            "-----END CERTIFICATE REQUEST-----",
+        ),
+        (
+            "NEW CERTIFICATE REQUEST",
+            "-----BEGIN NEW CERTIFICATE REQUEST-----",
+            "-----END NEW CERTIFICATE REQUEST-----",
+        ),
+    ];
+    let (label, start, end) = BLOCKS
         .into_iter()
-        .find_map(|label| {
-            let begin = format!("-----BEGIN {label}-----");
-            text.find(&begin).map(|at| (label, at + begin.len()))
-        })
+        .find_map(|(label, begin, end)| text.find(begin).map(|at| (label, at + begin.len(), end)))
         .ok_or("no PEM CERTIFICATE REQUEST block")?;
-    let end = format!("-----END {label}-----");
     let len = text[start..]
-        .find(&end)
+        .find(end)
         .ok_or_else(|| format!("PEM {label} block has no END line"))?;
     let mut body = Vec::with_capacity(len);
     for piece in text.as_bytes()[start..start + len].split(u8::is_ascii_whitespace) {
