@@ -132,7 +132,7 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// body, a newline, then the body; returns the hash. Hashing the exact stored bytes
 /// means any edit is detected, including fields a reader would not know. The record
 /// is serialised in place, so a group commit's value is built without copies. On an
-/// error `out` is left as it was.
+/// error `out` is left as it was (a caller that wrote a separator first removes it).
 pub fn encode_into(record: &AuditRecord, out: &mut Vec<u8>) -> Result<String, serde_json::Error> {
     let start = out.len();
     out.extend_from_slice(&[b'0'; 64]);
@@ -174,7 +174,7 @@ impl Frame<'_> {
 }
 
 /// Splits a stored value into its records, in order. A value holds the records of one
-/// group commit, each encoded as by [`encode`] and separated by a newline (a compact
+/// group commit, each encoded as by [`encode_into`] and separated by a newline (a compact
 /// JSON body never contains one). A value written before values held batches is one
 /// record, the same format. A framing error ends the value.
 pub fn frames(stored: &[u8]) -> Vec<Result<Frame<'_>, String>> {

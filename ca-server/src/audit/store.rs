@@ -285,16 +285,14 @@ impl AuditStore {
                 prev_hash: head.hash.clone(),
                 decision: append.decision,
             };
-            let separated = !chunk.value.is_empty();
-            if separated {
+            let mark = chunk.value.len();
+            if mark > 0 {
                 chunk.value.push(b'\n');
             }
             let hash = match record::encode_into(&rec, &mut chunk.value) {
                 Ok(hash) => hash,
                 Err(e) => {
-                    if separated {
-                        chunk.value.pop();
-                    }
+                    chunk.value.truncate(mark);
                     slots[idx] = Some(Err(AuditError::Encode(e.to_string())));
                     continue;
                 }
