@@ -271,13 +271,7 @@ impl IssuedMetrics {
         let mut handles = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (counter, histogram) = handles.entry((api, authenticator)).or_insert_with(|| {
             (
-                metrics::counter!(
-                    "ca_requests_total",
-                    "api" => api,
-                    "outcome" => "issued",
-                    "authenticator" => authenticator,
-                    "reason" => ""
-                ),
+                requests_counter(api, "issued", authenticator, ""),
                 metrics::histogram!("ca_issuance_duration_seconds", "api" => api),
             )
         });
@@ -293,6 +287,16 @@ fn count(
     authenticator: impl Into<metrics::SharedString>,
     reason: &'static str,
 ) {
+    requests_counter(api, outcome, authenticator, reason).increment(1);
+}
+
+/// `ca_requests_total` for one combination of labels; the one place they are named.
+pub(crate) fn requests_counter(
+    api: &'static str,
+    outcome: &'static str,
+    authenticator: impl Into<metrics::SharedString>,
+    reason: &'static str,
+) -> metrics::Counter {
     metrics::counter!(
         "ca_requests_total",
         "api" => api,
@@ -300,5 +304,4 @@ fn count(
         "authenticator" => authenticator,
         "reason" => reason
     )
-    .increment(1);
 }

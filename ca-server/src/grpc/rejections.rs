@@ -81,8 +81,13 @@ where
                 == Some(OUT_OF_RANGE)
             {
                 tracing::warn!(?peer, "request larger than the limit refused");
-                metrics::counter!("ca_requests_total", "api" => api.as_str(), "outcome" => "denied",
-                    "authenticator" => "none", "reason" => "request_too_large").increment(1);
+                crate::issuance::requests_counter(
+                    api.as_str(),
+                    "denied",
+                    "none",
+                    "request_too_large",
+                )
+                .increment(1);
                 let decision = Decision {
                     api: Some(api),
                     outcome: Some(Outcome::Denied),
