@@ -191,6 +191,11 @@ mod tests {
             Some(2)
         );
         assert_eq!(chain_entries(&chain(vec![])), Some(0));
+        assert_eq!(
+            chain_entries(&chain(vec!["".into()])),
+            None,
+            "an empty entry"
+        );
         let good = chain(vec![long]);
         assert_eq!(chain_entries(&good[..good.len() - 1]), None, "short frame");
         let mut other_field = good.to_vec();

@@ -307,15 +307,17 @@ pub(crate) mod tests {
             "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
         )];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.is_ca = IsCa::ExplicitNoCa;
         let der = params.self_signed(&key).unwrap().der().to_vec();
         assert!(super::inspect(&der).is_ok());
-        // The first byte of each extension's value: SAN and basicConstraints hold a
-        // SEQUENCE, keyUsage a BIT STRING. Retagging it keeps every length intact.
+        // The first byte of each fact extension's value: SAN, basicConstraints and EKU
+        // hold a SEQUENCE, keyUsage a BIT STRING. Retagging it keeps every length intact.
         for (oid, first) in [
             (&[0x55, 0x1d, 0x11][..], 0x30),
             (&[0x55, 0x1d, 0x13], 0x30),
             (&[0x55, 0x1d, 0x0f], 0x03),
+            (&[0x55, 0x1d, 0x25], 0x30),
         ] {
             let at = der
                 .windows(3)
