@@ -98,7 +98,7 @@ pub struct ServeArgs {
     /// Lifetime of the serving certificate (renewed at half-life).
     #[arg(long, env = "CA_SERVING_CERT_TTL", default_value = "24h", value_parser = duration)]
     pub serving_cert_ttl: Duration,
-    /// Deadline for one gRPC request.
+    /// Deadline for one gRPC request; a client's `grpc-timeout` can only shorten it.
     #[arg(long, env = "CA_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_timeout: Duration,
     /// Audit records older than this are pruned (verification keeps working).

@@ -357,6 +357,61 @@ pub async fn channel(addr: SocketAddr, root_pem: &str, client: Option<(&str, &st
         .expect("connect to the CA")
 }
 
+/// An HTTP/2 connection over TLS on the `h2` crate alone, verifying the server as
+/// `istio-ca` and presenting a client certificate. For callers that build gRPC requests
+/// by hand: wire-level tests, and the load tool, which must cost the server's machine
+/// as little as possible.
+pub async fn h2_connect(
+    addr: SocketAddr,
+    root_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("istio-ca").map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 24)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("connection to the CA ended: {e}");
+        }
+    });
+    Ok(send)
+}
+
 /// Modern API client.
 pub fn modern(ch: &Channel) -> IstioCertificateServiceClient<Channel> {
     IstioCertificateServiceClient::new(ch.clone())

@@ -21,7 +21,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 
 /// Above this many buffered bytes, writes go through without waiting for a flush (one
 /// TLS record holds 16 KiB of plaintext).
@@ -127,14 +126,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedFlush<T> {
         let this = &mut *self;
         std::task::ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
-impl<T: Connected> Connected for CoalescedFlush<T> {
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
     }
 }
 

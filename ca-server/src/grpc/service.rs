@@ -3,10 +3,8 @@
 use std::sync::Arc;
 
 use istio_ca_proto::google::rpc::Status as RpcStatus;
-use istio_ca_proto::istio_ca_service_server::IstioCaService;
-use istio_ca_proto::istio_certificate_service_server::IstioCertificateService;
 use istio_ca_proto::{CsrRequest, CsrResponse, IstioCertificateRequest, IstioCertificateResponse};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 
 use crate::audit::Api;
 use crate::authn::CallerContext;
@@ -23,34 +21,13 @@ impl CaService {
     pub fn new(issuance: Arc<Issuance>) -> Self {
         CaService { issuance }
     }
-}
 
-fn context<T>(req: &Request<T>) -> CallerContext {
-    let bearer_token = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_owned());
-    CallerContext {
-        peer_addr: req.remote_addr(),
-        peer_certs: req.peer_certs(),
-        bearer_token,
-        legacy_gcp_token: None,
-    }
-}
-
-#[tonic::async_trait]
-impl IstioCertificateService for CaService {
-    async fn create_certificate(
+    /// `IstioCertificateService/CreateCertificate`.
+    pub async fn create_certificate(
         &self,
-        request: Request<IstioCertificateRequest>,
-    ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let ctx = context(&request);
-        let req = request.into_inner();
+        ctx: CallerContext,
+        req: IstioCertificateRequest,
+    ) -> Result<IstioCertificateResponse, Status> {
         // We honour no request options (CertSigner, ImpersonatedIdentity...): refuse
         // them rather than silently issuing something else than what was asked.
         let refusal = req
@@ -78,18 +55,15 @@ impl IstioCertificateService for CaService {
             .await?;
         let mut cert_chain = vec![granted.issued.pem()];
         cert_chain.extend(granted.ca_chain_pem);
-        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+        Ok(IstioCertificateResponse { cert_chain })
     }
-}
 
-#[tonic::async_trait]
-impl IstioCaService for CaService {
-    async fn handle_csr(
+    /// `IstioCAService/HandleCSR`.
+    pub async fn handle_csr(
         &self,
-        request: Request<CsrRequest>,
-    ) -> Result<Response<CsrResponse>, Status> {
-        let mut ctx = context(&request);
-        let req = request.into_inner();
+        mut ctx: CallerContext,
+        req: CsrRequest,
+    ) -> Result<CsrResponse, Status> {
         // Authenticate from the TLS peer or bearer metadata, like the original server;
         // an `onprem` `node_agent_credential` is informational. A `gcp` one is a GCE
         // identity token and is verified like a bearer token.
@@ -110,7 +84,7 @@ impl IstioCaService for CaService {
         } else {
             granted.ca_chain_pem.concat()
         };
-        Ok(Response::new(CsrResponse {
+        Ok(CsrResponse {
             is_approved: true,
             status: Some(RpcStatus {
                 code: 0,
@@ -119,6 +93,6 @@ impl IstioCaService for CaService {
             }),
             signed_cert: granted.issued.pem().into_bytes(),
             cert_chain: cert_chain.into_bytes(),
-        }))
+        })
     }
 }

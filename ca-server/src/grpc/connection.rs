@@ -1,0 +1,311 @@
+//! One HTTP/2 connection: every stream on it is a unary call to one of the two APIs,
+//! answered by its own task.
+//!
+//! The calls are served on the `h2` crate directly rather than through a general gRPC
+//! framework: two unary methods need little of one, and its routing, middleware and
+//! per-request boxing were a measurable part of the CPU each certificate costs
+//! (docs/BENCHMARKS.md). What the framework did is here, and tested: the size limit,
+//! the deadline (server-wide, shortened by `grpc-timeout`), status codes, draining.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, StatusCode};
+use istio_ca_proto::{CsrRequest, IstioCertificateRequest};
+use prost::Message;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+use super::service::CaService;
+use super::wire::{self, BodyError, UnaryBody};
+use crate::audit::{Api, AuditWriter, Decision, Outcome};
+use crate::authn::CallerContext;
+
+/// Streams one client may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Flow-control windows: a whole request fits in the first window.
+const WINDOW: u32 = 1024 * 1024;
+/// Largest header block accepted.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// What every stream of the server shares.
+pub struct Calls {
+    pub service: CaService,
+    pub audit: AuditWriter,
+    /// Deadline of a call when the client asks for none or a longer one.
+    pub timeout: Duration,
+    /// Largest request message.
+    pub max_request: usize,
+}
+
+/// Who is at the other end of a connection.
+struct Peer {
+    addr: SocketAddr,
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// Serves the calls of one connection until the client closes it, or until `shutdown`
+/// turns true: then no new call is accepted and the ones in flight finish.
+pub async fn serve<T>(
+    io: T,
+    addr: SocketAddr,
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    calls: Arc<Calls>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    let peer = Arc::new(Peer { addr, certs });
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        // `accept` also drives the connection's I/O for the calls in flight.
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = super::stopping(&mut shutdown), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                tokio::spawn(call(calls.clone(), peer.clone(), request, respond));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(peer = %addr, error = %e, "HTTP/2 connection ended");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// The two methods served.
+#[derive(Clone, Copy)]
+enum Rpc {
+    CreateCertificate,
+    HandleCsr,
+}
+
+impl Rpc {
+    fn api(self) -> Api {
+        match self {
+            Rpc::CreateCertificate => Api::Modern,
+            Rpc::HandleCsr => Api::Legacy,
+        }
+    }
+}
+
+/// Which method a request calls, or the answer for one that calls neither.
+fn route<B>(request: &Request<B>) -> Result<Rpc, http::Response<()>> {
+    if request.method() != Method::POST {
+        return Err(wire::http_error(StatusCode::METHOD_NOT_ALLOWED));
+    }
+    if !wire::is_grpc(request.headers()) {
+        return Err(wire::http_error(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+    }
+    match request.uri().path() {
+        istio_ca_proto::CREATE_CERTIFICATE_PATH => Ok(Rpc::CreateCertificate),
+        istio_ca_proto::HANDLE_CSR_PATH => Ok(Rpc::HandleCsr),
+        path => Err(wire::status_only(Status::unimplemented(format!(
+            "no method {path}"
+        )))),
+    }
+}
+
+/// Answers one stream.
+async fn call(
+    calls: Arc<Calls>,
+    peer: Arc<Peer>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let rpc = match route(&request) {
+        Ok(rpc) => rpc,
+        Err(refusal) => {
+            let _ = respond.send_response(refusal, true);
+            return;
+        }
+    };
+    let answer = match wire::parse_timeout(request.headers()) {
+        Err(why) => Err(Status::invalid_argument(why)),
+        Ok(asked) => {
+            let deadline = asked.map_or(calls.timeout, |d| d.min(calls.timeout));
+            tokio::time::timeout(deadline, answer(&calls, &peer, rpc, request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")))
+        }
+    };
+    let sent = match answer {
+        Ok(message) => send_message(&mut respond, message),
+        Err(status) => respond
+            .send_response(wire::status_only(status), true)
+            .map(drop),
+    };
+    if let Err(e) = sent {
+        // The client went away or reset the stream; nothing is left to tell it.
+        tracing::debug!(peer = %peer.addr, error = %e, "could not send the answer");
+    }
+}
+
+fn send_message(respond: &mut SendResponse<Bytes>, message: Bytes) -> Result<(), h2::Error> {
+    let mut stream = respond.send_response(wire::ok_headers(), false)?;
+    stream.send_data(message, false)?;
+    stream.send_trailers(wire::ok_trailers())
+}
+
+/// Reads, decodes and serves one call; the framed response message or the status.
+async fn answer(
+    calls: &Calls,
+    peer: &Peer,
+    rpc: Rpc,
+    request: Request<RecvStream>,
+) -> Result<Bytes, Status> {
+    let (parts, body) = request.into_parts();
+    let ctx = context(peer, &parts.headers);
+    let refusal = match read_message(body, calls.max_request).await {
+        Err(Read::Stream(status)) => return Err(status),
+        Err(Read::Refused(e)) => Refusal::body(e, calls.max_request),
+        Ok(message) => match rpc {
+            Rpc::CreateCertificate => match IstioCertificateRequest::decode(message) {
+                Ok(req) => {
+                    let response = calls.service.create_certificate(ctx, req).await?;
+                    return Ok(wire::frame(&response));
+                }
+                Err(e) => Refusal::undecodable(e),
+            },
+            Rpc::HandleCsr => match CsrRequest::decode(message) {
+                Ok(req) => {
+                    let response = calls.service.handle_csr(ctx, req).await?;
+                    return Ok(wire::frame(&response));
+                }
+                Err(e) => Refusal::undecodable(e),
+            },
+        },
+    };
+    Err(refuse(calls, rpc.api(), &ctx, refusal).await)
+}
+
+/// A call refused before it reached the API: the code it is answered with, and the
+/// reason and detail its audit record carries.
+struct Refusal {
+    code: Code,
+    reason: &'static str,
+    detail: String,
+}
+
+impl Refusal {
+    fn body(e: BodyError, limit: usize) -> Self {
+        match e {
+            BodyError::TooLarge(len) => Refusal {
+                code: Code::OutOfRange,
+                reason: "request_too_large",
+                detail: format!("request message of {len} bytes, over the limit of {limit}"),
+            },
+            BodyError::Malformed(why) => Refusal {
+                code: Code::InvalidArgument,
+                reason: "malformed_request",
+                detail: format!("malformed request: {why}"),
+            },
+        }
+    }
+
+    fn undecodable(e: prost::DecodeError) -> Self {
+        Refusal {
+            code: Code::InvalidArgument,
+            reason: "malformed_request",
+            detail: format!("malformed request: the message does not decode: {e}"),
+        }
+    }
+}
+
+/// Why a request body was not read.
+enum Read {
+    /// The stream failed (the client reset it, or the connection broke).
+    Stream(Status),
+    /// The body is not one acceptable message.
+    Refused(BodyError),
+}
+
+/// The request message, read while returning flow-control credit as it arrives.
+async fn read_message(mut body: RecvStream, limit: usize) -> Result<Bytes, Read> {
+    let mut message = UnaryBody::new(limit);
+    while let Some(chunk) = body.data().await {
+        let chunk =
+            chunk.map_err(|e| Read::Stream(Status::cancelled(format!("request stream: {e}"))))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.push(&chunk).map_err(Read::Refused)?;
+    }
+    message.finish().map_err(Read::Refused)
+}
+
+/// What the authenticators see of a call.
+fn context(peer: &Peer, headers: &http::HeaderMap) -> CallerContext {
+    let bearer_token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned());
+    CallerContext {
+        peer_addr: Some(peer.addr),
+        peer_certs: peer.certs.clone(),
+        bearer_token,
+        legacy_gcp_token: None,
+    }
+}
+
+/// Records and counts a call refused before it reached the API, and returns the status
+/// to answer with.
+async fn refuse(calls: &Calls, api: Api, ctx: &CallerContext, refusal: Refusal) -> Status {
+    let Refusal {
+        code,
+        reason,
+        detail,
+    } = refusal;
+    tracing::warn!(peer = ?ctx.peer_addr, reason, %detail, "request refused");
+    crate::issuance::requests_counter(api.as_str(), "denied", "none", reason).increment(1);
+    let decision = Decision {
+        api: Some(api),
+        outcome: Some(Outcome::Denied),
+        reason: Some(reason.into()),
+        detail: Some(detail.clone()),
+        peer: ctx.peer_addr.map(|a| a.to_string()),
+        ..Default::default()
+    };
+    match calls.audit.record(decision).await {
+        Ok(_) => Status::new(code, detail),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record a denial");
+            Status::unavailable("the CA cannot record decisions right now")
+        }
+    }
+}
