@@ -151,7 +151,13 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
             Err(e) => Err(format!("bad extension {}: {e}", ext.oid)),
         }
     }
-    for ext in tbs.extensions() {
+    // RFC 5280 §4.2: an extension appears at most once. A second SAN would be one
+    // that this check never read and a relying party might.
+    let extensions = tbs.extensions();
+    for (i, ext) in extensions.iter().enumerate() {
+        if extensions[..i].iter().any(|e| e.oid == ext.oid) {
+            return Err(format!("certificate repeats extension {}", ext.oid));
+        }
         if ext.oid == OID_X509_EXT_SUBJECT_ALT_NAME {
             let san: SubjectAlternativeName = value(ext)?;
             facts.san_critical = ext.critical;
@@ -336,6 +342,24 @@ pub(crate) mod tests {
             let err = super::inspect(&bad).unwrap_err();
             assert!(err.contains("bad extension"), "{oid:02x?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_repeated_extension_is_an_error() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        )];
+        assert!(super::inspect(params.self_signed(&key).unwrap().der()).is_ok());
+        // A second SAN, which a relying party might read instead of the first.
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            // SEQUENCE { [6] "spiffe://x/y" }
+            [&[0x30, 0x0e, 0x86, 0x0c][..], b"spiffe://x/y"].concat(),
+        )];
+        let err = super::inspect(params.self_signed(&key).unwrap().der()).unwrap_err();
+        assert!(err.contains("repeats extension 2.5.29.17"), "{err}");
     }
 
     #[test]
