@@ -79,15 +79,15 @@ pub async fn serve<T>(
         }
     };
     let peer = Arc::new(Peer { addr, certs });
-    let mut draining = *shutdown.borrow();
-    if draining {
-        conn.graceful_shutdown();
-    }
+    // One wait for the shutdown signal for the connection's life, not one per call.
+    let stop = super::stopping(&mut shutdown);
+    tokio::pin!(stop);
+    let mut draining = false;
     loop {
         // `accept` also drives the connection's I/O for the calls in flight.
         let next = tokio::select! {
             next = conn.accept() => next,
-            () = super::stopping(&mut shutdown), if !draining => {
+            () = &mut stop, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
