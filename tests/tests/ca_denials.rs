@@ -115,7 +115,7 @@ async fn bad_input_matrix() {
     )
     .await;
 
-    // Oversized request (over 64 KiB), refused by the framework and still audited.
+    // Oversized request (over 64 KiB), refused from its length prefix and still audited.
     let huge = format!("{valid_csr}{}", "A".repeat(70 * 1024));
     expect_denied(
         &ca,
