@@ -17,6 +17,7 @@ struct Answer {
     http: u16,
     grpc_status: Option<String>,
     grpc_message: String,
+    accept_encoding: Option<String>,
     data: Vec<u8>,
 }
 
@@ -79,6 +80,7 @@ async fn exchange(
         http: head.status.as_u16(),
         grpc_status: field("grpc-status"),
         grpc_message: percent_decode(&field("grpc-message").unwrap_or_default()),
+        accept_encoding: field("grpc-accept-encoding"),
         data,
     }
 }
@@ -107,12 +109,41 @@ async fn silent_call(conn: &SendRequest<Bytes>, timeout: Option<&'static str>) -
     exchange(conn, r, None).await
 }
 
+/// Opens a `CreateCertificate` call, sends its headers but no body yet, and gives the
+/// server a moment to start on it.
+async fn open_call(
+    conn: &SendRequest<Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut send = conn.clone().ready().await.expect("connection ready");
+    let opened = send
+        .send_request(
+            request("POST", CREATE_CERTIFICATE_PATH, "application/grpc"),
+            false,
+        )
+        .expect("send headers");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    opened
+}
+
 async fn connect(ca: &CaProcess, dir: &std::path::Path) -> SendRequest<Bytes> {
     let (chain, key) = ca.export_bundle("vm", "wire", "1h", dir);
     e2e::install_crypto();
     e2e::h2_connect(ca.grpc, &ca.root_pem(), &chain, &key)
         .await
         .expect("connect")
+}
+
+/// A request refused before it reaches the API, and how.
+struct Case {
+    what: &'static str,
+    path: &'static str,
+    body: Vec<u8>,
+    /// gRPC status code.
+    code: &'static str,
+    /// Audit reason of the denial.
+    reason: &'static str,
+    /// Part of the status message.
+    says: &'static str,
 }
 
 fn denials(ca: &CaProcess, reason: &str) -> usize {
@@ -138,64 +169,103 @@ async fn malformed_calls_are_refused_and_audited() {
     // A hand-built, well-formed call works: the framing below is the real one.
     let ok = call(&conn, CREATE_CERTIFICATE_PATH, framed(0, &good)).await;
     assert_eq!((ok.http, ok.grpc_status.as_deref()), (200, Some("0")));
+    assert_eq!(ok.accept_encoding.as_deref(), Some("identity"));
     assert!(ok.data.len() > 5, "a response message");
 
     let mut two = framed(0, &good);
     two.extend(framed(0, &good));
-    let cases: [(&str, &str, Vec<u8>, &str); 6] = [
-        (
+    let malformed = "malformed_request";
+    let case = |what, path, body, code, reason, says| Case {
+        what,
+        path,
+        body,
+        code,
+        reason,
+        says,
+    };
+    let cases = [
+        case(
             "not protobuf",
             CREATE_CERTIFICATE_PATH,
             framed(0, &[0xff, 0xff, 0xff]),
+            "3",
+            malformed,
             "does not decode",
         ),
-        (
+        case(
             "not protobuf, legacy API",
             HANDLE_CSR_PATH,
             framed(0, &[0x0a, 0x80]),
+            "3",
+            malformed,
             "does not decode",
         ),
-        (
+        case(
             "compressed",
             CREATE_CERTIFICATE_PATH,
             framed(1, &good),
+            "12",
+            "compressed_request",
             "compressed",
         ),
-        (
+        case(
             "two messages",
             CREATE_CERTIFICATE_PATH,
             two,
+            "3",
+            malformed,
             "more than one message",
         ),
-        (
+        case(
             "no message",
             CREATE_CERTIFICATE_PATH,
             vec![],
+            "3",
+            malformed,
             "no request message",
         ),
-        (
+        case(
             "truncated",
             CREATE_CERTIFICATE_PATH,
             framed(0, &good)[..20].to_vec(),
+            "3",
+            malformed,
             "truncated",
         ),
     ];
-    for (what, path, body, says) in cases {
-        let before = denials(&ca, "malformed_request");
-        let a = call(&conn, path, body).await;
+    for c in cases {
+        let before = denials(&ca, c.reason);
+        let a = call(&conn, c.path, c.body).await;
+        let what = c.what;
         assert_eq!(a.http, 200, "{what}");
-        assert_eq!(
-            a.grpc_status.as_deref(),
-            Some("3"),
-            "{what}: INVALID_ARGUMENT"
+        assert_eq!(a.grpc_status.as_deref(), Some(c.code), "{what}");
+        assert!(
+            a.grpc_message.contains(c.says),
+            "{what}: {}",
+            a.grpc_message
         );
-        assert!(a.grpc_message.contains(says), "{what}: {}", a.grpc_message);
+        assert_eq!(a.accept_encoding.as_deref(), Some("identity"), "{what}");
         assert_eq!(
-            denials(&ca, "malformed_request"),
+            denials(&ca, c.reason),
             before + 1,
             "{what}: one denied record"
         );
     }
+
+    // A malformed deadline is refused and audited like a malformed body.
+    let before = denials(&ca, malformed);
+    let mut bad_timeout = request("POST", CREATE_CERTIFICATE_PATH, "application/grpc");
+    bad_timeout
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("soon"));
+    let a = exchange(&conn, bad_timeout, Some(framed(0, &good))).await;
+    assert_eq!(a.grpc_status.as_deref(), Some("3"), "{}", a.grpc_message);
+    assert!(
+        a.grpc_message.contains("grpc-timeout"),
+        "{}",
+        a.grpc_message
+    );
+    assert_eq!(denials(&ca, malformed), before + 1);
 
     // Not one of our methods, or not gRPC: answered, not audited (no API was called).
     let before = ca.audit_records(&["--outcome", "denied"]).len();
@@ -206,12 +276,6 @@ async fn malformed_calls_are_refused_and_audited() {
     assert_eq!(exchange(&conn, json, Some(b"{}".to_vec())).await.http, 415);
     let get = request("GET", CREATE_CERTIFICATE_PATH, "application/grpc");
     assert_eq!(exchange(&conn, get, Some(vec![])).await.http, 405);
-    let mut bad_timeout = request("POST", CREATE_CERTIFICATE_PATH, "application/grpc");
-    bad_timeout
-        .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("soon"));
-    let a = exchange(&conn, bad_timeout, Some(framed(0, &good))).await;
-    assert_eq!(a.grpc_status.as_deref(), Some("3"), "{}", a.grpc_message);
     assert_eq!(ca.audit_records(&["--outcome", "denied"]).len(), before);
 
     // The connection survived all of it.
@@ -277,14 +341,7 @@ async fn sigterm_lets_calls_in_flight_finish() {
     );
 
     // The call is open (headers sent, no body yet) when the server is told to stop.
-    let mut send = conn.clone().ready().await.unwrap();
-    let (response, mut stream) = send
-        .send_request(
-            request("POST", CREATE_CERTIFICATE_PATH, "application/grpc"),
-            false,
-        )
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (response, mut stream) = open_call(&conn).await;
     let pid = ca.pid().expect("running").to_string();
     assert!(
         std::process::Command::new("kill")
@@ -316,5 +373,25 @@ async fn sigterm_lets_calls_in_flight_finish() {
         issued.iter().filter(|r| r["api"] == "modern").count(),
         1,
         "{issued:?}"
+    );
+}
+
+/// A call its client resets is abandoned at once, not worked on until its deadline
+/// (the reset frees the call's slot on the connection for another one).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_reset_by_its_client_is_abandoned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &["--request-timeout", "60s"],
+        &[("RUST_LOG", "info,ca_server::grpc=debug")],
+    );
+    let conn = connect(&ca, &tmp.path().join("b")).await;
+    let (_response, mut stream) = open_call(&conn).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    e2e::wait_for(
+        "the server to abandon the call",
+        Duration::from_secs(10),
+        || ca.log_text().contains("call reset by the client"),
     );
 }

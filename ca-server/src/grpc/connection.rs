@@ -33,6 +33,8 @@ const MAX_CONCURRENT_STREAMS: u32 = 200;
 const WINDOW: u32 = 1024 * 1024;
 /// Largest header block accepted.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How long after the last possible deadline a draining connection may stay open.
+const DRAIN_SLACK: Duration = Duration::from_secs(1);
 
 /// What every stream of the server shares.
 pub struct Calls {
@@ -61,27 +63,35 @@ pub async fn serve<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    // One wait for the shutdown signal for the connection's life, not one per call.
+    let stop = super::stopping(&mut shutdown);
+    tokio::pin!(stop);
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .initial_window_size(WINDOW)
         .initial_connection_window_size(WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io);
-    let mut conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            tracing::debug!(peer = %addr, error = %e, "HTTP/2 handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(peer = %addr, "HTTP/2 handshake timed out");
-            return;
-        }
+    let mut conn = tokio::select! {
+        r = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake) => match r {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %addr, error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %addr, "HTTP/2 handshake timed out");
+                return;
+            }
+        },
+        () = &mut stop => return,
     };
     let peer = Arc::new(Peer { addr, certs });
-    // One wait for the shutdown signal for the connection's life, not one per call.
-    let stop = super::stopping(&mut shutdown);
-    tokio::pin!(stop);
+    // Once draining, a client that never lets the connection close (it ignores the
+    // GOAWAY's ping, or stops reading) is cut off when the last call's deadline is
+    // past.
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
     let mut draining = false;
     loop {
         // `accept` also drives the connection's I/O for the calls in flight.
@@ -90,7 +100,12 @@ pub async fn serve<T>(
             () = &mut stop, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+                grace.as_mut().reset(tokio::time::Instant::now() + calls.timeout + DRAIN_SLACK);
                 continue;
+            }
+            () = &mut grace, if draining => {
+                tracing::debug!(peer = %addr, "connection still open after the drain; closing it");
+                return;
             }
         };
         match next {
@@ -153,14 +168,32 @@ async fn call(
             return;
         }
     };
-    let answer = match wire::parse_timeout(request.headers()) {
-        Err(why) => Err(Status::invalid_argument(why)),
-        Ok(asked) => {
-            let deadline = asked.map_or(calls.timeout, |d| d.min(calls.timeout));
-            tokio::time::timeout(deadline, answer(&calls, &peer, rpc, request))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")))
+    let deadline = match wire::parse_timeout(request.headers()) {
+        Ok(asked) => asked.map_or(calls.timeout, |d| d.min(calls.timeout)),
+        Err(why) => {
+            let ctx = context(&peer, request.headers());
+            let refusal = Refusal {
+                code: Code::InvalidArgument,
+                reason: "malformed_request",
+                detail: why,
+            };
+            let status = refuse(&calls, rpc.api(), &ctx, refusal).await;
+            let _ = respond.send_response(wire::status_only(status), true);
+            return;
         }
+    };
+    let work = tokio::time::timeout(deadline, answer(&calls, &peer, rpc, request));
+    // A call whose client reset it (or whose connection broke) is abandoned: its slot
+    // is free for another call at once, so its work must not go on. Dropping it is
+    // safe: a certificate is only handed over once its audit record is durable.
+    let answer = tokio::select! {
+        // A reset also fails the request body's read: see the reset first.
+        biased;
+        reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!(peer = %peer.addr, ?reason, "call reset by the client");
+            return;
+        }
+        done = work => done.unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded"))),
     };
     let sent = match answer {
         Ok(message) => send_message(&mut respond, message),
@@ -227,6 +260,12 @@ impl Refusal {
                 code: Code::OutOfRange,
                 reason: "request_too_large",
                 detail: format!("request message of {len} bytes, over the limit of {limit}"),
+            },
+            BodyError::Compressed => Refusal {
+                code: Code::Unimplemented,
+                reason: "compressed_request",
+                detail: "compressed messages are not accepted (grpc-accept-encoding: identity)"
+                    .into(),
             },
             BodyError::Malformed(why) => Refusal {
                 code: Code::InvalidArgument,

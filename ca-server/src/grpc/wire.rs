@@ -10,6 +10,9 @@ use tonic::Status;
 
 /// `content-type` of every gRPC answer.
 const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+/// Sent on every answer: the server takes uncompressed messages only.
+const ACCEPT_ENCODING: (&str, HeaderValue) =
+    ("grpc-accept-encoding", HeaderValue::from_static("identity"));
 
 /// Bytes before each message: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
@@ -46,7 +49,9 @@ pub fn parse_timeout(headers: &HeaderMap) -> Result<Option<Duration>, String> {
 pub enum BodyError {
     /// The message is longer than the limit (its declared length).
     TooLarge(usize),
-    /// Compressed, truncated, or followed by more data.
+    /// The message is compressed; this server accepts none.
+    Compressed,
+    /// Truncated, missing, or followed by more data.
     Malformed(&'static str),
 }
 
@@ -96,7 +101,7 @@ impl UnaryBody {
             return Ok(None);
         };
         if prefix[0] != 0 {
-            return Err(BodyError::Malformed("compressed messages are not accepted"));
+            return Err(BodyError::Compressed);
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
         Ok(Some(len as usize))
@@ -117,9 +122,9 @@ pub fn frame(message: &impl prost::Message) -> Bytes {
 /// The headers that open a successful answer.
 pub fn ok_headers() -> Response<()> {
     let mut response = Response::new(());
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    headers.insert(ACCEPT_ENCODING.0, ACCEPT_ENCODING.1);
     response
 }
 
@@ -132,7 +137,11 @@ pub fn ok_trailers() -> HeaderMap {
 
 /// A failed call: one HEADERS frame carrying the status ("Trailers-Only").
 pub fn status_only(status: Status) -> Response<()> {
-    status.into_http()
+    let mut response = status.into_http();
+    response
+        .headers_mut()
+        .insert(ACCEPT_ENCODING.0, ACCEPT_ENCODING.1);
+    response
 }
 
 /// An HTTP-level refusal, for requests that are not gRPC at all.
@@ -219,10 +228,7 @@ mod tests {
             Err(BodyError::TooLarge(5))
         );
         let mut b = UnaryBody::new(64);
-        assert!(matches!(
-            b.push(&framed(1, b"x")),
-            Err(BodyError::Malformed(_))
-        ));
+        assert_eq!(b.push(&framed(1, b"x")), Err(BodyError::Compressed));
         let mut b = UnaryBody::new(64);
         let mut two = framed(0, b"a");
         two.extend(framed(0, b"b"));
