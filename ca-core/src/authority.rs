@@ -348,7 +348,7 @@ impl CertificateAuthority {
         );
         let signature = self.issuer.key().sign(&tbs).map_err(internal)?;
         let der = self.leaf.certificate(&tbs, &signature);
-        let facts = x509::inspect(&der).map_err(IssueError::Internal)?;
+        let facts = crate::reread::read(&der).map_err(IssueError::Internal)?;
         self.recheck_spiffe_leaf(&facts, identity, &spki, validity)?;
         Ok(issued(der, facts, spki_digest.as_ref()))
     }
@@ -524,9 +524,41 @@ fn internal(e: impl fmt::Display) -> IssueError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::KeyPair;
+
+    /// Leaves as [`CertificateAuthority::issue_for_key`] makes them, for every key type
+    /// it signs for, with an identity long enough for long-form DER lengths and a
+    /// validity past 2050 (GeneralizedTime).
+    pub(crate) fn leaves_of_every_key_type() -> Vec<Vec<u8>> {
+        use crate::keys::KeyAlgorithm;
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::new_self_signed_root(
+            KeyAlgorithm::EcdsaP256.generate().unwrap(),
+            "cluster.local",
+            now,
+            Duration::from_secs(3600 * 24 * 365 * 30),
+        )
+        .unwrap();
+        let id = SpiffeId::parse(&format!(
+            "spiffe://cluster.local/ns/x/sa/{}",
+            "a".repeat(200)
+        ))
+        .unwrap();
+        [
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::EcdsaP384,
+            KeyAlgorithm::Rsa(2048),
+        ]
+        .into_iter()
+        .map(|alg| {
+            let key = PublicKey::of_key_pair(&alg.generate().unwrap()).unwrap();
+            let ttl = Duration::from_secs(3600 * 24 * 365 * 29);
+            ca.issue_for_key(&key, &id, ttl, now).unwrap().der
+        })
+        .collect()
+    }
 
     fn root(now: OffsetDateTime) -> CertificateAuthority {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -21,6 +21,7 @@ pub mod keys;
 mod leaf;
 pub mod pem;
 pub mod policy;
+mod reread;
 pub mod spiffe;
 pub mod x509;
 

@@ -255,8 +255,11 @@ pub(crate) mod tests {
         facts
     }
 
-    #[test]
-    fn inspect_agrees_with_a_second_parser() {
+    /// Certificates of every shape the project reads: a leaf-like certificate with
+    /// several SANs and key purposes and a validity past 2050, a CA with a path length
+    /// and a serial with a leading zero, a bare one, and leaves as the CA issues them
+    /// for each key type.
+    pub(crate) fn sample_certificates() -> Vec<Vec<u8>> {
         let key = KeyPair::generate().unwrap();
         let mut leafish = CertificateParams::default();
         leafish.subject_alt_names = vec![
@@ -271,15 +274,28 @@ pub(crate) mod tests {
         leafish.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::CodeSigning,
         ];
+        leafish.not_after = time::macros::datetime!(2051-02-03 04:05:06 UTC);
         let mut ca = CertificateParams::default();
         ca.distinguished_name.push(DnType::CommonName, "a CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(2));
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         ca.serial_number = Some(vec![0x00, 0x8f, 0x01].into());
         let bare = CertificateParams::default();
-        for params in [leafish, ca, bare] {
-            let der = params.self_signed(&key).unwrap().der().to_vec();
+        let mut certs: Vec<Vec<u8>> = [leafish, ca, bare]
+            .into_iter()
+            .map(|p| p.self_signed(&key).unwrap().der().to_vec())
+            .collect();
+        // Leaves as the CA issues them, for each key type it signs for.
+        certs.extend(crate::authority::tests::leaves_of_every_key_type());
+        certs
+    }
+
+    #[test]
+    fn inspect_agrees_with_a_second_parser() {
+        let key = KeyPair::generate().unwrap();
+        for der in sample_certificates() {
             let facts = super::inspect(&der).unwrap();
             let mut expected = facts_by_x509_cert(&der);
             // x509-parser names the usages it knows first; the set is what counts.
