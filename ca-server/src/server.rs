@@ -237,7 +237,6 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         grpc_listener,
         tls_config,
         CaService::new(issuance.clone()),
-        audit.clone(),
         cfg.request_timeout,
         shutdown.clone(),
     ));

@@ -24,8 +24,9 @@ use tonic::{Code, Status};
 
 use super::service::CaService;
 use super::wire::{self, BodyError, UnaryBody};
-use crate::audit::{Api, AuditWriter, Decision, Outcome};
+use crate::audit::Api;
 use crate::authn::CallerContext;
+use crate::issuance::Refusal;
 
 /// Streams one client may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 200;
@@ -39,7 +40,6 @@ const DRAIN_SLACK: Duration = Duration::from_secs(1);
 /// What every stream of the server shares.
 pub struct Calls {
     pub service: CaService,
-    pub audit: AuditWriter,
     /// Deadline of a call when the client asks for none or a longer one.
     pub timeout: Duration,
     /// Largest request message.
@@ -175,9 +175,9 @@ async fn call(
             let refusal = Refusal {
                 code: Code::InvalidArgument,
                 reason: "malformed_request",
-                detail: why,
+                message: why,
             };
-            let status = refuse(&calls, rpc.api(), &ctx, refusal).await;
+            let status = calls.service.refuse(rpc.api(), &ctx, refusal).await;
             let _ = respond.send_response(wire::status_only(status), true);
             return;
         }
@@ -224,63 +224,54 @@ async fn answer(
     let ctx = context(peer, &parts.headers);
     let refusal = match read_message(body, calls.max_request).await {
         Err(Read::Stream(status)) => return Err(status),
-        Err(Read::Refused(e)) => Refusal::body(e, calls.max_request),
+        Err(Read::Refused(e)) => body_refusal(e, calls.max_request),
         Ok(message) => match rpc {
             Rpc::CreateCertificate => match IstioCertificateRequest::decode(message) {
                 Ok(req) => {
                     let response = calls.service.create_certificate(ctx, req).await?;
                     return Ok(wire::frame(&response));
                 }
-                Err(e) => Refusal::undecodable(e),
+                Err(e) => undecodable(e),
             },
             Rpc::HandleCsr => match CsrRequest::decode(message) {
                 Ok(req) => {
                     let response = calls.service.handle_csr(ctx, req).await?;
                     return Ok(wire::frame(&response));
                 }
-                Err(e) => Refusal::undecodable(e),
+                Err(e) => undecodable(e),
             },
         },
     };
-    Err(refuse(calls, rpc.api(), &ctx, refusal).await)
+    Err(calls.service.refuse(rpc.api(), &ctx, refusal).await)
 }
 
-/// A call refused before it reached the API: the code it is answered with, and the
-/// reason and detail its audit record carries.
-struct Refusal {
-    code: Code,
-    reason: &'static str,
-    detail: String,
-}
-
-impl Refusal {
-    fn body(e: BodyError, limit: usize) -> Self {
-        match e {
-            BodyError::TooLarge(len) => Refusal {
-                code: Code::OutOfRange,
-                reason: "request_too_large",
-                detail: format!("request message of {len} bytes, over the limit of {limit}"),
-            },
-            BodyError::Compressed => Refusal {
-                code: Code::Unimplemented,
-                reason: "compressed_request",
-                detail: "compressed messages are not accepted (grpc-accept-encoding: identity)"
-                    .into(),
-            },
-            BodyError::Malformed(why) => Refusal {
-                code: Code::InvalidArgument,
-                reason: "malformed_request",
-                detail: format!("malformed request: {why}"),
-            },
-        }
-    }
-
-    fn undecodable(e: prost::DecodeError) -> Self {
-        Refusal {
+/// The refusal of a request body that is not one acceptable message.
+fn body_refusal(e: BodyError, limit: usize) -> Refusal {
+    match e {
+        BodyError::TooLarge(len) => Refusal {
+            code: Code::OutOfRange,
+            reason: "request_too_large",
+            message: format!("request message of {len} bytes, over the limit of {limit}"),
+        },
+        BodyError::Compressed => Refusal {
+            code: Code::Unimplemented,
+            reason: "compressed_request",
+            message: "compressed messages are not accepted (grpc-accept-encoding: identity)".into(),
+        },
+        BodyError::Malformed(why) => Refusal {
             code: Code::InvalidArgument,
             reason: "malformed_request",
-            detail: format!("malformed request: the message does not decode: {e}"),
-        }
+            message: format!("malformed request: {why}"),
+        },
+    }
+}
+
+/// The refusal of a message that does not decode.
+fn undecodable(e: prost::DecodeError) -> Refusal {
+    Refusal {
+        code: Code::InvalidArgument,
+        reason: "malformed_request",
+        message: format!("malformed request: the message does not decode: {e}"),
     }
 }
 
@@ -319,32 +310,5 @@ fn context(peer: &Peer, headers: &http::HeaderMap) -> CallerContext {
         peer_certs: peer.certs.clone(),
         bearer_token,
         legacy_gcp_token: None,
-    }
-}
-
-/// Records and counts a call refused before it reached the API, and returns the status
-/// to answer with.
-async fn refuse(calls: &Calls, api: Api, ctx: &CallerContext, refusal: Refusal) -> Status {
-    let Refusal {
-        code,
-        reason,
-        detail,
-    } = refusal;
-    tracing::warn!(peer = ?ctx.peer_addr, reason, %detail, "request refused");
-    crate::issuance::requests_counter(api.as_str(), "denied", "none", reason).increment(1);
-    let decision = Decision {
-        api: Some(api),
-        outcome: Some(Outcome::Denied),
-        reason: Some(reason.into()),
-        detail: Some(detail.clone()),
-        peer: ctx.peer_addr.map(|a| a.to_string()),
-        ..Default::default()
-    };
-    match calls.audit.record(decision).await {
-        Ok(_) => Status::new(code, detail),
-        Err(e) => {
-            tracing::error!(error = %e, "could not record a denial");
-            Status::unavailable("the CA cannot record decisions right now")
-        }
     }
 }

@@ -18,8 +18,6 @@ use tokio_rustls::TlsAcceptor;
 
 pub use service::CaService;
 
-use crate::audit::AuditWriter;
-
 /// Largest request message we decode (a CSR is a few KiB; RSA-4096 under 4 KiB).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,14 +28,12 @@ pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     service: CaService,
-    audit: AuditWriter,
     request_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let calls = Arc::new(connection::Calls {
         service,
-        audit,
         timeout: request_timeout,
         max_request: MAX_REQUEST_BYTES,
     });

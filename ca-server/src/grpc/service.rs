@@ -6,7 +6,7 @@ use istio_ca_proto::google::rpc::Status as RpcStatus;
 use istio_ca_proto::{CsrRequest, CsrResponse, IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Code, Status};
 
-use crate::audit::Api;
+use crate::audit::{Api, Decision};
 use crate::authn::CallerContext;
 use crate::issuance::{Issuance, Refusal};
 
@@ -20,6 +20,24 @@ impl CaService {
     /// Wraps the request path.
     pub fn new(issuance: Arc<Issuance>) -> Self {
         CaService { issuance }
+    }
+
+    /// Records, counts and answers a call refused before it reached either API (its
+    /// message was too large or not a message), as every other denial is.
+    pub async fn refuse(&self, api: Api, ctx: &CallerContext, refusal: Refusal) -> Status {
+        let base = Decision {
+            api: Some(api),
+            peer: ctx.peer_addr.map(|a| a.to_string()),
+            ..Default::default()
+        };
+        let Refusal {
+            code,
+            reason,
+            message,
+        } = refusal;
+        self.issuance
+            .deny(base, code, reason, message.clone(), message)
+            .await
     }
 
     /// `IstioCertificateService/CreateCertificate`.
