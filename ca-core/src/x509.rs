@@ -321,6 +321,11 @@ pub(crate) mod tests {
         assert!(super::inspect(&trailing).is_err());
     }
 
+    /// Both readers of certificates: the general one, and the re-check's own.
+    type Reader = fn(&[u8]) -> Result<super::CertFacts, String>;
+    const READERS: [(&str, Reader); 2] =
+        [("inspect", super::inspect), ("reread", crate::reread::read)];
+
     #[test]
     fn a_malformed_fact_extension_is_an_error() {
         let key = KeyPair::generate().unwrap();
@@ -332,7 +337,9 @@ pub(crate) mod tests {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.is_ca = IsCa::ExplicitNoCa;
         let der = params.self_signed(&key).unwrap().der().to_vec();
-        assert!(super::inspect(&der).is_ok());
+        for (_, read) in READERS {
+            assert!(read(&der).is_ok());
+        }
         // The first byte of each fact extension's value: SAN, basicConstraints and EKU
         // hold a SEQUENCE, keyUsage a BIT STRING. Retagging it keeps every length intact.
         for (oid, first) in [
@@ -355,8 +362,10 @@ pub(crate) mod tests {
             assert_eq!(der[value], first);
             let mut bad = der.clone();
             bad[value] = 0x31;
-            let err = super::inspect(&bad).unwrap_err();
-            assert!(err.contains("bad extension"), "{oid:02x?}: {err}");
+            for (reader, read) in READERS {
+                let err = read(&bad).unwrap_err();
+                assert!(err.contains("bad extension"), "{reader} {oid:02x?}: {err}");
+            }
         }
     }
 
@@ -367,15 +376,22 @@ pub(crate) mod tests {
         params.subject_alt_names = vec![SanType::URI(
             "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
         )];
-        assert!(super::inspect(params.self_signed(&key).unwrap().der()).is_ok());
+        let once = params.self_signed(&key).unwrap().der().to_vec();
         // A second SAN, which a relying party might read instead of the first.
         params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
             &[2, 5, 29, 17],
             // SEQUENCE { [6] "spiffe://x/y" }
             [&[0x30, 0x0e, 0x86, 0x0c][..], b"spiffe://x/y"].concat(),
         )];
-        let err = super::inspect(params.self_signed(&key).unwrap().der()).unwrap_err();
-        assert!(err.contains("repeats extension 2.5.29.17"), "{err}");
+        let twice = params.self_signed(&key).unwrap().der().to_vec();
+        for (reader, read) in READERS {
+            assert!(read(&once).is_ok(), "{reader}");
+            let err = read(&twice).unwrap_err();
+            assert!(
+                err.contains("repeats extension 2.5.29.17"),
+                "{reader}: {err}"
+            );
+        }
     }
 
     #[test]
