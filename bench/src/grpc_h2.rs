@@ -10,8 +10,7 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
-use prost::Message;
+use bytes::Bytes;
 
 /// One HTTP/2 connection to the CA, authenticated with a client certificate.
 #[derive(Clone)]
@@ -20,16 +19,6 @@ pub struct Connection {
     /// `https://istio-ca/istio.v1.auth.IstioCertificateService/CreateCertificate`,
     /// parsed once.
     uri: http::Uri,
-}
-
-/// A request message in gRPC framing (flag byte, length, protobuf), built once.
-pub fn frame(message: &impl Message) -> Bytes {
-    let body = message.encode_to_vec();
-    let mut framed = BytesMut::with_capacity(5 + body.len());
-    framed.extend_from_slice(&[0]);
-    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&body);
-    framed.freeze()
 }
 
 impl Connection {
@@ -143,7 +132,9 @@ mod tests {
 
     #[test]
     fn chain_entries_walks_the_response_framing() {
-        let chain = |certs: Vec<String>| frame(&IstioCertificateResponse { cert_chain: certs });
+        let chain = |certs: Vec<String>| {
+            ca_server::grpc::frame(&IstioCertificateResponse { cert_chain: certs })
+        };
         let long = "x".repeat(1000);
         assert_eq!(
             chain_entries(&chain(vec![long.clone(), "root".into()])),

@@ -252,7 +252,7 @@ async fn main() {
     let requests: Arc<Vec<Bytes>> = Arc::new(
         csrs.iter()
             .map(|csr| {
-                grpc_h2::frame(&IstioCertificateRequest {
+                ca_server::grpc::frame(&IstioCertificateRequest {
                     csr: csr.clone(),
                     validity_duration: 0,
                     metadata: None,

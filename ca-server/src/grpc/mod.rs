@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 pub use service::CaService;
+pub use wire::frame;
 
 /// Largest request message we decode (a CSR is a few KiB; RSA-4096 under 4 KiB).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

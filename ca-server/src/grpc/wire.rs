@@ -108,7 +108,8 @@ impl UnaryBody {
     }
 }
 
-/// A message framed for a response body.
+/// A message in gRPC framing (flag byte, length, protobuf): a response body here, a
+/// request body in the load tool.
 pub fn frame(message: &impl prost::Message) -> Bytes {
     let len = message.encoded_len();
     let mut buf = BytesMut::with_capacity(PREFIX + len);
