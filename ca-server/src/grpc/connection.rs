@@ -42,8 +42,6 @@ pub struct Calls {
     pub service: CaService,
     /// Deadline of a call when the client asks for none or a longer one.
     pub timeout: Duration,
-    /// Largest request message.
-    pub max_request: usize,
 }
 
 /// Who is at the other end of a connection.
@@ -222,9 +220,9 @@ async fn answer(
 ) -> Result<Bytes, Status> {
     let (parts, body) = request.into_parts();
     let ctx = context(peer, &parts.headers);
-    let refusal = match read_message(body, calls.max_request).await {
+    let refusal = match read_message(body, super::MAX_REQUEST_BYTES).await {
         Err(Read::Stream(status)) => return Err(status),
-        Err(Read::Refused(e)) => body_refusal(e, calls.max_request),
+        Err(Read::Refused(e)) => body_refusal(e, super::MAX_REQUEST_BYTES),
         Ok(message) => match rpc {
             Rpc::CreateCertificate => match IstioCertificateRequest::decode(message) {
                 Ok(req) => {

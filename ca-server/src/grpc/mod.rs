@@ -36,7 +36,6 @@ pub async fn serve(
     let calls = Arc::new(connection::Calls {
         service,
         timeout: request_timeout,
-        max_request: MAX_REQUEST_BYTES,
     });
     // Every connection task holds a sender; when all are gone, `open.recv()` ends.
     let (alive, mut open) = mpsc::channel::<()>(1);
