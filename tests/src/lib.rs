@@ -740,3 +740,52 @@ impl Issuers {
         (received, errors)
     }
 }
+
+/// An operator's CA in Istio's `cacerts` layout: a root and an intermediate under it
+/// that signs (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`).
+pub struct PluggedCa {
+    /// PEM of the operator's root.
+    pub root_pem: String,
+    /// PEM of the intermediate the CA signs with.
+    pub intermediate_pem: String,
+}
+
+impl PluggedCa {
+    /// Creates the four files in `dir` (created if missing).
+    pub fn write(dir: &Path) -> PluggedCa {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let ca_params = |name: &str, constraint| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(constraint);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("Operator Root", BasicConstraints::Unconstrained);
+        let root = root_params.self_signed(&root_key).unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let mut int_params = ca_params("Cluster Intermediate", BasicConstraints::Constrained(0));
+        int_params.use_authority_key_identifier_extension = true;
+        let int = int_params
+            .signed_by(&int_key, &Issuer::from_params(&root_params, &root_key))
+            .unwrap();
+        let (root_pem, intermediate_pem) = (root.pem(), int.pem());
+        let files = [
+            ("ca-cert.pem", intermediate_pem.clone()),
+            ("ca-key.pem", int_key.serialize_pem()),
+            ("cert-chain.pem", format!("{intermediate_pem}{root_pem}")),
+            ("root-cert.pem", root_pem.clone()),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        PluggedCa {
+            root_pem,
+            intermediate_pem,
+        }
+    }
+}

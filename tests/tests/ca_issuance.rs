@@ -181,40 +181,10 @@ async fn both_apis_issue_svids_for_the_caller_not_the_csr() {
 /// answer splits the leaf from the CA chain.
 #[tokio::test(flavor = "multi_thread")]
 async fn plugged_in_intermediate_chains() {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
     let tmp = tempfile::tempdir().unwrap();
     let cacerts = tmp.path().join("cacerts");
-    std::fs::create_dir_all(&cacerts).unwrap();
-    let root_key = KeyPair::generate().unwrap();
-    let mut root_params = CertificateParams::default();
-    root_params
-        .distinguished_name
-        .push(DnType::CommonName, "Operator Root");
-    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let root = root_params.self_signed(&root_key).unwrap();
-    let int_key = KeyPair::generate().unwrap();
-    let mut int_params = CertificateParams::default();
-    int_params
-        .distinguished_name
-        .push(DnType::CommonName, "Cluster Intermediate");
-    int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    int_params.use_authority_key_identifier_extension = true;
-    let int = int_params
-        .signed_by(&int_key, &Issuer::from_params(&root_params, &root_key))
-        .unwrap();
-    std::fs::write(cacerts.join("ca-cert.pem"), int.pem()).unwrap();
-    std::fs::write(cacerts.join("ca-key.pem"), int_key.serialize_pem()).unwrap();
-    std::fs::write(
-        cacerts.join("cert-chain.pem"),
-        format!("{}{}", int.pem(), root.pem()),
-    )
-    .unwrap();
-    std::fs::write(cacerts.join("root-cert.pem"), root.pem()).unwrap();
-
+    let plugged = e2e::PluggedCa::write(&cacerts);
+    let (root, int) = (&plugged.root_pem, &plugged.intermediate_pem);
     let ca = CaProcess::start(
         &tmp.path().join("state"),
         &["--plugged-ca-dir", cacerts.to_str().unwrap()],
@@ -222,9 +192,9 @@ async fn plugged_in_intermediate_chains() {
     let (chain, key) = ca.export_bundle("ns1", "sa1", "1h", &tmp.path().join("bundle"));
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("bundle/root-cert.pem")).unwrap(),
-        root.pem()
+        *root
     );
-    let ch = e2e::channel(ca.grpc, &root.pem(), Some((&chain, &key))).await;
+    let ch = e2e::channel(ca.grpc, root, Some((&chain, &key))).await;
     let identity = "spiffe://cluster.local/ns/ns1/sa/sa1";
 
     let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
@@ -234,13 +204,13 @@ async fn plugged_in_intermediate_chains() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.cert_chain.len(), 3, "leaf, intermediate, root");
-    assert_eq!(resp.cert_chain[1], int.pem());
-    assert_eq!(resp.cert_chain[2], root.pem());
+    assert_eq!(&resp.cert_chain[1], int);
+    assert_eq!(&resp.cert_chain[2], root);
     assert_svid(
         tmp.path(),
         &resp.cert_chain[0],
         &resp.cert_chain[1..],
-        &root.pem(),
+        root,
         identity,
         false,
     );
@@ -263,13 +233,13 @@ async fn plugged_in_intermediate_chains() {
     );
     assert_eq!(
         String::from_utf8(resp.cert_chain).unwrap(),
-        format!("{}{}", int.pem(), root.pem())
+        format!("{int}{root}")
     );
     assert_svid(
         tmp.path(),
         &leaf,
-        &[int.pem()],
-        &root.pem(),
+        std::slice::from_ref(int),
+        root,
         identity,
         false,
     );

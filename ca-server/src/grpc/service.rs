@@ -10,6 +10,27 @@ use crate::audit::{Api, Decision};
 use crate::authn::CallerContext;
 use crate::issuance::{Issuance, Refusal};
 
+/// The request options (`metadata` keys) that carry a value, sorted; `None` when there
+/// are none. We honour no option (`CertSigner`, `ImpersonatedIdentity`, ...), so any key
+/// with a value is refused rather than silently issuing something other than what was
+/// asked. A key whose value is empty or null is unset, as istiod reads it: Istio's own
+/// client (1.12 and later) sends `{"CertSigner": ""}` on every request.
+fn unsupported_metadata(metadata: Option<&prost_types::Struct>) -> Option<Vec<&str>> {
+    use prost_types::value::Kind;
+    let mut keys: Vec<&str> = metadata?
+        .fields
+        .iter()
+        .filter(|(_, v)| match &v.kind {
+            None | Some(Kind::NullValue(_)) => false,
+            Some(Kind::StringValue(s)) => !s.is_empty(),
+            Some(_) => true,
+        })
+        .map(|(k, _)| k.as_str())
+        .collect();
+    keys.sort_unstable();
+    (!keys.is_empty()).then_some(keys)
+}
+
 /// Implements both gRPC services over one [`Issuance`].
 #[derive(Clone)]
 pub struct CaService {
@@ -46,21 +67,11 @@ impl CaService {
         ctx: CallerContext,
         req: IstioCertificateRequest,
     ) -> Result<IstioCertificateResponse, Status> {
-        // We honour no request options (CertSigner, ImpersonatedIdentity...): refuse
-        // them rather than silently issuing something else than what was asked.
-        let refusal = req
-            .metadata
-            .as_ref()
-            .filter(|m| !m.fields.is_empty())
-            .map(|m| {
-                let mut keys: Vec<&str> = m.fields.keys().map(String::as_str).collect();
-                keys.sort_unstable();
-                Refusal {
-                    code: Code::InvalidArgument,
-                    reason: "unsupported_metadata",
-                    message: format!("unsupported request metadata: {}", keys.join(", ")),
-                }
-            });
+        let refusal = unsupported_metadata(req.metadata.as_ref()).map(|keys| Refusal {
+            code: Code::InvalidArgument,
+            reason: "unsupported_metadata",
+            message: format!("unsupported request metadata: {}", keys.join(", ")),
+        });
         let granted = self
             .issuance
             .handle_csr(
@@ -112,5 +123,60 @@ impl CaService {
             signed_cert: granted.issued.pem().into_bytes(),
             cert_chain: cert_chain.into_bytes(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unsupported_metadata;
+    use prost_types::value::Kind;
+    use prost_types::{Struct, Value};
+
+    fn metadata(fields: &[(&str, Option<Kind>)]) -> Struct {
+        Struct {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value { kind: v.clone() }))
+                .collect(),
+        }
+    }
+
+    fn string(s: &str) -> Option<Kind> {
+        Some(Kind::StringValue(s.into()))
+    }
+
+    #[test]
+    fn empty_and_null_values_are_unset_any_other_value_is_refused() {
+        assert_eq!(unsupported_metadata(None), None);
+        assert_eq!(unsupported_metadata(Some(&metadata(&[]))), None);
+        // What Istio's client sends on every request.
+        assert_eq!(
+            unsupported_metadata(Some(&metadata(&[("CertSigner", string(""))]))),
+            None
+        );
+        let unset = metadata(&[
+            ("CertSigner", Some(Kind::NullValue(0))),
+            ("ImpersonatedIdentity", None),
+        ]);
+        assert_eq!(unsupported_metadata(Some(&unset)), None);
+        let set = metadata(&[
+            (
+                "ImpersonatedIdentity",
+                string("spiffe://cluster.local/ns/a/sa/b"),
+            ),
+            ("CertSigner", string("")),
+            ("Other", Some(Kind::BoolValue(false))),
+        ]);
+        assert_eq!(
+            unsupported_metadata(Some(&set)),
+            Some(vec!["ImpersonatedIdentity", "Other"])
+        );
+        assert_eq!(
+            unsupported_metadata(Some(&metadata(&[(
+                "CertSigner",
+                string("kubernetes.io/x")
+            )]))),
+            Some(vec!["CertSigner"])
+        );
     }
 }
