@@ -1,9 +1,9 @@
 //! `ca-audit-bench`: the audit store on its own. Writes N issuance records through the
-//! real `AuditStore` in group-commit batches (write, then one flush per batch, as the
-//! server's writer does) and reports CPU time, disk and memory per record as the store
-//! grows. `--serials random` replays the old serial scheme (16 random bytes) to show
-//! what the key order of the serial index costs; `--retain-seconds` prunes as
-//! retention does. Disk bytes per record are per record still held.
+//! real `AuditStore` in group-commit batches (one durable transaction each, as the
+//! server's writer does) on SQLite or on a throwaway PostgreSQL cluster, and reports
+//! CPU time, disk and memory per record as the store grows. `--retain-seconds`
+//! prunes as retention does. Disk bytes per record are per record still held,
+//! indexes and the certificate index included.
 #![forbid(unsafe_code)]
 
 mod procfs;
@@ -16,17 +16,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ca_core::x509::{hex, sha256_hex};
-use ca_server::audit::{Api, Append, AuditStore, Decision, Outcome};
+use ca_server::audit::{Api, Append, AuditStore, Decision, Outcome, StoreLocation};
 use clap::{Parser, ValueEnum};
 use procfs::cpu_seconds;
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Serials {
-    /// What the CA issues: an issuance clock, then 64 random bits.
-    Clock,
-    /// 16 random bytes.
-    Random,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// A SQLite file (WAL, synchronous=FULL).
+    Sqlite,
+    /// A PostgreSQL cluster started for the run (synchronous_commit=on, fsync=on).
+    Postgres,
 }
 
 /// Audit store benchmark.
@@ -35,13 +35,13 @@ struct Args {
     /// Records to write.
     #[arg(long, default_value_t = 300_000)]
     records: u64,
-    /// Records per group commit (one flush each). The server's writer gathers about
-    /// 28 at concurrency 64.
+    /// Records per group commit (one transaction each). The server's writer gathers
+    /// about 28 at concurrency 64.
     #[arg(long, default_value_t = 28)]
     batch: u64,
-    /// Serial numbers of the recorded certificates.
-    #[arg(long, value_enum, default_value_t = Serials::Clock)]
-    serials: Serials,
+    /// Which database.
+    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    store: Backend,
     /// Report every this many records.
     #[arg(long, default_value_t = 100_000)]
     every: u64,
@@ -49,7 +49,7 @@ struct Args {
     /// does (to see whether pruning gives back memory and disk).
     #[arg(long)]
     retain_seconds: Option<u64>,
-    /// Where to put the store [default: a temporary directory].
+    /// Where to put the SQLite file's directory [default: a temporary directory].
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -67,34 +67,29 @@ fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-fn serial(kind: Serials, rng: &SystemRandom) -> String {
-    let bytes = match kind {
-        Serials::Clock => ca_core::authority::fresh_serial(rng).expect("rng"),
-        Serials::Random => {
-            let mut b = [0u8; 16];
-            rng.fill(&mut b).expect("rng");
-            b[0] = (b[0] & 0x7f) | 0x40;
-            b
-        }
-    };
-    hex(&bytes)
+fn serial(rng: &SystemRandom) -> String {
+    hex(&ca_core::authority::fresh_serial(rng).expect("rng"))
 }
 
-fn issuance(i: u64, serial: String) -> Append {
-    let id = format!("spiffe://cluster.local/ns/bench/sa/workload-{}", i % 64);
+/// A renewal over mutual TLS, the common case: the record names the client
+/// certificate's serial as well.
+fn issuance(i: u64, serial: String, parent: String) -> Append {
+    let id = format!("spiffe://cluster.local/ns/bench/sa/workload-{}", i % 10_000);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     Append {
         decision: Decision {
             api: Some(Api::Modern),
             outcome: Some(Outcome::Issued),
-            authenticator: Some("client-certificate".into()),
+            authenticator: Some("client-cert".into()),
             caller: Some(id.clone()),
             peer: Some("127.0.0.1:50412".into()),
             requested_ttl_secs: 0,
             granted_ttl_secs: Some(3600),
             spiffe_id: Some(id),
             serial: Some(serial),
-            not_before: Some("2026-11-26T18:00:00Z".into()),
-            not_after: Some("2026-11-26T19:01:00Z".into()),
+            client_serial: Some(parent),
+            not_before: Some(ca_server::audit::rfc3339_secs(now - 60)),
+            not_after: Some(ca_server::audit::rfc3339_secs(now + 3600)),
             spki_sha256: Some(sha256_hex(&i.to_be_bytes())),
             cert_sha256: Some(sha256_hex(&(!i).to_be_bytes())),
             ..Default::default()
@@ -103,18 +98,66 @@ fn issuance(i: u64, serial: String) -> Append {
     }
 }
 
-fn main() {
+/// Bytes the store takes on disk: the SQLite files, or the PostgreSQL database less
+/// what an empty one takes.
+async fn store_bytes(store: &Backend2) -> u64 {
+    match store {
+        Backend2::Sqlite(dir) => disk_bytes(dir),
+        Backend2::Postgres { pg, baseline } => {
+            let size: u64 = pg
+                .psql("postgres", "SELECT pg_database_size('bench')")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            size.saturating_sub(*baseline)
+        }
+    }
+}
+
+/// The running backend.
+enum Backend2 {
+    Sqlite(PathBuf),
+    Postgres {
+        pg: e2e::postgres::Postgres,
+        baseline: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() {
     let args = Args::parse();
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("audit"));
-    let store = AuditStore::open(&dir).expect("open the audit store");
+    let (location, backend) = match args.store {
+        Backend::Sqlite => {
+            let dir = args.dir.clone().unwrap_or_else(|| tmp.path().join("audit"));
+            (
+                StoreLocation::Sqlite(dir.join("audit.db")),
+                Backend2::Sqlite(dir),
+            )
+        }
+        Backend::Postgres => {
+            let pg = e2e::postgres::Postgres::start();
+            pg.psql("postgres", "CREATE DATABASE bench");
+            let baseline = pg
+                .psql("postgres", "SELECT pg_database_size('bench')")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            (
+                StoreLocation::Postgres(pg.url("bench")),
+                Backend2::Postgres { pg, baseline },
+            )
+        }
+    };
+    let store = AuditStore::open(&location, "bench")
+        .await
+        .expect("open the audit store");
     let rng = SystemRandom::new();
     println!(
-        "{} records, {} per flush, {:?} serials, store in {}",
+        "{} records, {} per commit, store {}",
         args.records,
         args.batch,
-        args.serials,
-        dir.display()
+        location.describe()
     );
     println!(
         "| records | records/s | CPU µs per record | disk MiB | disk bytes per record | RSS MiB | pruned so far |"
@@ -124,15 +167,18 @@ fn main() {
     let (start, cpu_start) = (Instant::now(), cpu_seconds(std::process::id()));
     let (mut window, mut cpu_window) = (Instant::now(), cpu_start);
     let (mut written, mut reported) = (0, 0);
+    let mut parent = serial(&rng);
     while written < args.records {
         let n = args.batch.min(args.records - written);
-        let batch = (written..written + n)
-            .map(|i| issuance(i, serial(args.serials, &rng)))
+        let batch: Vec<Append> = (written..written + n)
+            .map(|i| {
+                let s = serial(&rng);
+                issuance(i, s.clone(), std::mem::replace(&mut parent, s))
+            })
             .collect();
-        for result in store.write_batch(batch) {
-            result.expect("write");
+        for result in store.append(&batch).await.expect("commit") {
+            result.expect("record");
         }
-        store.flush_blocking().expect("flush");
         let before = written;
         written += n;
         if written / args.every > before / args.every || written == args.records {
@@ -140,10 +186,10 @@ fn main() {
             reported = written;
             if let Some(secs) = args.retain_seconds {
                 let cutoff = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs as i64);
-                pruned += store.prune_before(cutoff).expect("prune");
+                pruned += store.prune_before(cutoff).await.expect("prune");
             }
             let (now, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
-            let disk = disk_bytes(&dir);
+            let disk = store_bytes(&backend).await;
             println!(
                 "| {written} | {:.0} | {:.1} | {} | {} | {} | {pruned} |",
                 span / (now - window).as_secs_f64(),
@@ -156,7 +202,7 @@ fn main() {
         }
     }
     println!(
-        "total: {:.0} records/s, {:.1} CPU µs per record",
+        "total: {:.0} records/s, {:.1} CPU µs per record (this process; PostgreSQL's own CPU is not counted)",
         written as f64 / start.elapsed().as_secs_f64(),
         (cpu_seconds(std::process::id()) - cpu_start) * 1e6 / written as f64
     );

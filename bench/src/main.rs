@@ -384,7 +384,7 @@ async fn main() {
         let text = String::from_utf8_lossy(&m.stdout);
         let count = text
             .lines()
-            .find(|l| l.starts_with("ca_audit_flush_duration_seconds_count"))
+            .find(|l| l.starts_with("ca_audit_commit_duration_seconds_count"))
             .unwrap_or("");
         let batch_sum = text
             .lines()

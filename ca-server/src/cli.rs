@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::admin::{AdminClient, AdminRequest, AdminResponse};
-use crate::audit::{AuditRecord, AuditStore, ListFilter, Outcome};
+use crate::audit::{Append, AuditRecord, AuditStore, ListFilter, Outcome, StoreLocation};
 use crate::server::{self, ServeConfig};
 use crate::state::CaSource;
 
@@ -37,6 +37,12 @@ pub struct Cli {
     /// Admin socket [default: <state-dir>/admin.sock].
     #[arg(long, global = true, env = "CA_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
+    /// Audit store: `sqlite` (the file <state-dir>/audit.db), `sqlite:PATH`, or a
+    /// PostgreSQL URL shared by every replica (`postgres://USER@HOST/DB`, TLS with
+    /// `?sslmode=verify-full&sslrootcert=FILE`; a password is better in PGPASSWORD
+    /// than in the URL). Admin commands take the same flag.
+    #[arg(long, global = true, env = "CA_STORE", default_value = "sqlite")]
+    pub store: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -101,9 +107,18 @@ pub struct ServeArgs {
     /// Deadline for one gRPC request; a client's `grpc-timeout` can only shorten it.
     #[arg(long, env = "CA_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_timeout: Duration,
-    /// Audit records older than this are pruned (verification keeps working).
+    /// Audit records older than this are pruned (verification keeps working; issued
+    /// certificates stay revocable until they expire, whatever the retention).
     #[arg(long, env = "CA_AUDIT_RETENTION", default_value = "90d", value_parser = duration)]
     pub audit_retention: Duration,
+    /// Name of this replica's hash chain in the audit store [default: $POD_NAME or the
+    /// host name]. Replicas sharing a name stay correct, but contend for it.
+    #[arg(long, env = "CA_AUDIT_CHAIN")]
+    pub audit_chain: Option<String>,
+    /// Refuse client-certificate renewals (UNAVAILABLE) when the revocation list could
+    /// not be confirmed against the store for this long.
+    #[arg(long, env = "CA_REVOCATION_MAX_STALENESS", default_value = "2s", value_parser = duration)]
+    pub revocation_max_staleness: Duration,
     /// Log format: text or json.
     #[arg(long, env = "CA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -264,7 +279,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let cfg = match serve_config(&cli.state_dir, &admin_socket, &args) {
+            let cfg = match serve_config(&cli.state_dir, &admin_socket, &cli.store, &args) {
                 Ok(c) => c,
                 Err(e) => return usage_error(e),
             };
@@ -278,16 +293,27 @@ pub fn main() -> ExitCode {
         Command::Revoke(args) if ca_core::x509::parse_serial(&args.serial).is_err() => {
             usage_error(ca_core::x509::parse_serial(&args.serial).unwrap_err())
         }
-        Command::Revoke(args) => runtime.block_on(admin_or_offline(
-            &cli.state_dir,
-            &admin_socket,
-            AdminRequest::Revoke {
-                serial: args.serial,
-                reason: args.reason,
-            },
-            false,
-        )),
-        Command::Audit(cmd) => runtime.block_on(audit(&cli.state_dir, &admin_socket, cmd)),
+        Command::Revoke(_) | Command::Audit(_) => {
+            let store = match StoreLocation::parse(&cli.store, &cli.state_dir) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let admin = AdminTarget {
+                store,
+                admin_socket,
+            };
+            match cli.command {
+                Command::Revoke(args) => runtime.block_on(admin.run(
+                    AdminRequest::Revoke {
+                        serial: args.serial,
+                        reason: args.reason,
+                    },
+                    false,
+                )),
+                Command::Audit(cmd) => runtime.block_on(audit(&admin, cmd)),
+                _ => unreachable!("matched above"),
+            }
+        }
     }
 }
 
@@ -308,8 +334,16 @@ fn init_logging(format: &str) {
 pub fn serve_config(
     state_dir: &Path,
     admin_socket: &Path,
+    store: &str,
     a: &ServeArgs,
 ) -> Result<ServeConfig, String> {
+    let store = StoreLocation::parse(store, state_dir)?;
+    if a.revocation_max_staleness < crate::audit::revocations::SYNC_INTERVAL * 4 {
+        return Err(format!(
+            "--revocation-max-staleness must be at least {:?} (four resyncs)",
+            crate::audit::revocations::SYNC_INTERVAL * 4
+        ));
+    }
     ca_core::spiffe::validate_trust_domain(&a.trust_domain)
         .map_err(|e| format!("--trust-domain: {e}"))?;
     if a.default_ttl.is_zero() || a.max_ttl.is_zero() {
@@ -388,6 +422,12 @@ pub fn serve_config(
         serving_cert_ttl: a.serving_cert_ttl,
         request_timeout: a.request_timeout,
         audit_retention: a.audit_retention,
+        store,
+        audit_chain: a
+            .audit_chain
+            .clone()
+            .unwrap_or_else(crate::kubernetes::leader::host_name),
+        revocation_max_staleness: a.revocation_max_staleness,
         admin_socket: admin_socket.to_owned(),
         kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
         leader_election: (a.secret_controller && a.leader_elect).then(|| {
@@ -543,73 +583,71 @@ async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
     }
 }
 
-/// Sends an admin request to the running server, or, when none runs, executes it on
-/// the store directly (sled then lets this process open it).
-async fn admin_or_offline(
-    state_dir: &Path,
-    admin_socket: &Path,
-    req: AdminRequest,
-    json: bool,
-) -> ExitCode {
-    let client = AdminClient::new(admin_socket);
-    let response = if client.is_up().await {
-        match client.call(&req).await {
-            Ok(r) => r,
-            Err(e) => return runtime_error(e),
-        }
-    } else {
-        match offline(state_dir, req) {
-            Ok(r) => r,
-            Err(e) => return runtime_error(e),
-        }
-    };
-    print_response(response, json)
+/// Where admin commands go: the running server's socket for revocations (in effect on
+/// that replica at once), the store itself for everything else and when no server
+/// answers (other replicas pick revocations up within a second).
+struct AdminTarget {
+    store: StoreLocation,
+    admin_socket: PathBuf,
 }
 
-fn offline(state_dir: &Path, req: AdminRequest) -> Result<AdminResponse, String> {
-    let dir = state_dir.join("audit");
-    if !dir.exists() {
-        return Err(format!(
-            "no audit store at {} (wrong --state-dir?)",
-            dir.display()
-        ));
-    }
-    let store = AuditStore::open(&dir).map_err(|e| e.to_string())?;
-    Ok(match req {
-        AdminRequest::AuditList { filter } => AdminResponse::Records {
-            records: store.list(&filter).map_err(|e| e.to_string())?,
-        },
-        AdminRequest::AuditShow { serial } => AdminResponse::Records {
-            records: store
-                .show(&ca_core::x509::normalise_serial(&serial))
-                .map_err(|e| e.to_string())?,
-        },
-        AdminRequest::AuditVerify => AdminResponse::Verified {
-            report: store.verify().map_err(|e| e.to_string())?,
-        },
-        AdminRequest::Revoke { serial, reason } => {
-            let uid = std::fs::metadata("/proc/self")
-                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-                .unwrap_or(u32::MAX);
-            let (serial, decision) = crate::admin::revocation_decision(
-                &store,
-                &serial,
-                &reason,
-                "offline-cli",
-                format!("uid:{uid}"),
-            )?;
-            let mut results = store.write_batch(vec![crate::audit::Append {
-                decision,
-                revoke: Some((serial, reason)),
-            }]);
-            store.flush_blocking().map_err(|e| e.to_string())?;
-            let record = results.remove(0).map_err(|e| e.to_string())?;
-            AdminResponse::Revoked {
-                record: Box::new(record),
-            }
+impl AdminTarget {
+    async fn run(&self, req: AdminRequest, json: bool) -> ExitCode {
+        let response = if matches!(req, AdminRequest::Revoke { .. })
+            && AdminClient::new(&self.admin_socket).is_up().await
+        {
+            AdminClient::new(&self.admin_socket).call(&req).await
+        } else {
+            self.direct(req).await
+        };
+        match response {
+            Ok(r) => print_response(r, json),
+            Err(e) => runtime_error(e),
         }
-        AdminRequest::Sign { .. } => return Err("signing needs the running CA".into()),
-    })
+    }
+
+    async fn direct(&self, req: AdminRequest) -> Result<AdminResponse, String> {
+        if let StoreLocation::Sqlite(path) = &self.store
+            && !path.exists()
+        {
+            return Err(format!(
+                "no audit store at {} (wrong --state-dir or --store?)",
+                path.display()
+            ));
+        }
+        let chain = format!("admin@{}", crate::kubernetes::leader::host_name());
+        let store = AuditStore::open(&self.store, &chain)
+            .await
+            .map_err(|e| format!("{}: {e}", self.store.describe()))?;
+        if let Some(answer) = crate::admin::query(&store, &req).await {
+            return Ok(answer);
+        }
+        let AdminRequest::Revoke { serial, reason } = req else {
+            return Err("signing needs the running CA".into());
+        };
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap_or(u32::MAX);
+        let (revoke, decision) = crate::admin::revocation_decision(
+            &store,
+            &serial,
+            &reason,
+            "admin-cli",
+            format!("uid:{uid}"),
+        )
+        .await?;
+        let mut results = store
+            .append(&[Append {
+                decision,
+                revoke: Some(revoke),
+            }])
+            .await
+            .map_err(|e| e.to_string())?;
+        let record = results.remove(0).map_err(|e| e.to_string())?;
+        Ok(AdminResponse::Revoked {
+            record: Box::new(record),
+        })
+    }
 }
 
 fn since_arg(s: &str) -> Result<String, String> {
@@ -623,7 +661,7 @@ fn since_arg(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn audit(state_dir: &Path, admin_socket: &Path, cmd: AuditCommand) -> ExitCode {
+async fn audit(admin: &AdminTarget, cmd: AuditCommand) -> ExitCode {
     let (req, json) = match cmd {
         AuditCommand::List {
             identity,
@@ -656,7 +694,7 @@ async fn audit(state_dir: &Path, admin_socket: &Path, cmd: AuditCommand) -> Exit
         }
         AuditCommand::Verify { json } => (AdminRequest::AuditVerify, json),
     };
-    admin_or_offline(state_dir, admin_socket, req, json).await
+    admin.run(req, json).await
 }
 
 fn print_record(r: &AuditRecord, json: bool) {
@@ -667,7 +705,8 @@ fn print_record(r: &AuditRecord, json: bool) {
     let d = &r.decision;
     let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     println!(
-        "{:>6} {} {:<7} {:<8} {:<14} caller={} id={} serial={} reason={} peer={}",
+        "{}#{} {} {:<7} {:<8} {:<14} caller={} id={} serial={} reason={} peer={}",
+        r.chain,
         r.seq,
         r.time,
         d.outcome.map(|o| o.as_str()).unwrap_or("-"),
@@ -694,9 +733,9 @@ fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
         }
         AdminResponse::Revoked { record } => {
             println!(
-                "revoked {} ({}); audit record {}",
+                "revoked {}, and every certificate renewed from it; audit record {}#{}",
                 record.decision.serial.as_deref().unwrap_or("-"),
-                record.decision.spiffe_id.as_deref().unwrap_or("-"),
+                record.chain,
                 record.seq
             );
             ExitCode::SUCCESS
@@ -708,9 +747,16 @@ fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
                 for p in &report.problems {
                     println!("PROBLEM: {p}");
                 }
+                for c in &report.chains {
+                    println!(
+                        "chain {}: records {} to {}; head hash {}",
+                        c.chain, c.first_seq, c.head_seq, c.head_hash
+                    );
+                }
                 println!(
-                    "checked {} records from {} to {}; head hash {}",
-                    report.checked, report.first_seq, report.head_seq, report.head_hash
+                    "checked {} records in {} chains",
+                    report.checked,
+                    report.chains.len()
                 );
             }
             if report.problems.is_empty() {

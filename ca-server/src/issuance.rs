@@ -133,6 +133,7 @@ impl Issuance {
         };
         let base = Decision {
             authenticator: Some(caller.authenticator.into()),
+            client_serial: caller.client_serial.clone(),
             caller: Some(
                 caller
                     .principal

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{AdminService, serve_socket};
-use crate::audit::{Api, AuditStore, AuditWriter, Decision};
+use crate::audit::{Api, AuditStore, AuditWriter, Decision, RevocationView, StoreLocation};
 use crate::authn::{AuthChain, ClientCertAuthenticator};
 use crate::grpc::{self, CaService, tls};
 use crate::http::{self, Readiness};
@@ -46,6 +46,12 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Audit records older than this are pruned.
     pub audit_retention: Duration,
+    /// Where the audit store is.
+    pub store: StoreLocation,
+    /// This replica's hash chain in the store.
+    pub audit_chain: String,
+    /// Renewals are refused when the revocation list is older than this.
+    pub revocation_max_staleness: Duration,
     /// Admin socket path.
     pub admin_socket: PathBuf,
     /// GCE instance-identity-token authentication, when configured.
@@ -124,6 +130,7 @@ async fn refresh_serving_cert(
 /// Runs the CA until `shutdown` becomes true.
 pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
     crate::fsutil::create_private_dir(&cfg.state_dir).map_err(io("state directory"))?;
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     let ready = Readiness::starting("loading the CA and the audit store");
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
@@ -131,8 +138,16 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     let http_addr = http_listener.local_addr().map_err(io("HTTP port"))?;
     let http_task = tokio::spawn(http::serve(http_listener, ready.clone(), shutdown.clone()));
 
-    let store = Arc::new(AuditStore::open(&cfg.state_dir.join("audit"))?);
-    let (audit, audit_task) = AuditWriter::start(store.clone());
+    let store = Arc::new(AuditStore::open(&cfg.store, &cfg.audit_chain).await?);
+    tracing::info!(store = %cfg.store.describe(), chain = %cfg.audit_chain, "audit store open");
+    let revocations = Arc::new(RevocationView::new(cfg.revocation_max_staleness));
+    revocations.load(&store).await?;
+    let revocation_task = tokio::spawn(crate::audit::revocations::keep_fresh(
+        store.clone(),
+        revocations.clone(),
+        shutdown.clone(),
+    ));
+    let (audit, audit_task) = AuditWriter::start(store.clone(), revocations.clone());
     ready.track_audit(audit.health());
     let needs_kube = cfg.kubernetes_audiences.is_some()
         || cfg.secret_controller.is_some()
@@ -193,7 +208,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     .map_err(|e| ServeError::Io(format!("TLS configuration: {e}")))?;
 
     let client_cert =
-        ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, store.revoked_set())
+        ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, revocations.clone())
             .map_err(ServeError::Io)?;
     let mut authn = AuthChain::default().with(Arc::new(client_cert));
     if let (Some(audiences), Some(client)) = (&cfg.kubernetes_audiences, kube_client.clone()) {
@@ -288,6 +303,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         let _ = http_task.await;
         renew_task.abort();
         prune_task.abort();
+        revocation_task.abort();
         if let Some(t) = controller_task {
             let _ = t.await;
         }
@@ -301,9 +317,30 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     {
         tracing::warn!("drain deadline passed; stopping anyway");
     }
-    let _ = store.flush().await;
     let _ = std::fs::remove_file(&endpoints_path);
     Ok(())
+}
+
+/// Holds `<state-dir>/ca-server.lock` for the life of the server: the admin socket,
+/// `endpoints.json` and a self-signed CA key belong to one server. (The audit store
+/// itself may be shared: several servers on one PostgreSQL, or admin commands on the
+/// same SQLite file.)
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
+    let path = dir.join("ca-server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("state directory lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::Io(format!(
+            "the state directory {} is in use by another process (a ca-server already runs on it; give each server its own --state-dir)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io("state directory lock")(e)),
+    }
 }
 
 async fn renew_serving_cert(
@@ -337,12 +374,10 @@ async fn prune_audit(
 ) {
     loop {
         let cutoff = OffsetDateTime::now_utc() - retention;
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.prune_before(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(pruned = n, "audit retention pruned old records"),
-            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
-            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+        match store.prune_before(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "audit retention pruned old records"),
+            Err(e) => tracing::error!(error = %e, "audit retention failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}

@@ -5,6 +5,7 @@
 pub mod fake_ca;
 pub mod google;
 pub mod kube_api;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -263,12 +264,14 @@ impl CaProcess {
         self.spawn();
     }
 
-    /// Runs `ca-server --state-dir <dir> ARGS...` (an admin command).
+    /// Runs `ca-server --state-dir <dir> ARGS...` (an admin command), with the
+    /// server's environment (so on the server's store).
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(&self.bin)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .output()
             .expect("run ca-server")

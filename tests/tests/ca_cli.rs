@@ -91,7 +91,7 @@ async fn health_readiness_and_metrics() {
     for needle in [
         "ca_requests_total{api=\"modern\",outcome=\"issued\",authenticator=\"client-cert\",reason=\"\"} 1",
         "ca_issuance_duration_seconds_bucket",
-        "ca_audit_flush_duration_seconds_bucket",
+        "ca_audit_commit_duration_seconds_bucket",
         "ca_root_expiry_timestamp_seconds",
         "ca_serving_cert_expiry_timestamp_seconds",
     ] {

@@ -261,7 +261,7 @@ async fn offline_revocation_takes_effect_on_start() {
     ca.restart();
     let revs = ca.audit_records(&["--outcome", "revoked"]);
     assert_eq!(revs.len(), 1);
-    assert_eq!(revs[0]["authenticator"], "offline-cli");
+    assert_eq!(revs[0]["authenticator"], "admin-cli");
     let ch = ca.channel(Some((&chain, &key))).await;
     let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     let err = modern(&ch)

@@ -1,7 +1,8 @@
-//! Admin operations while the CA runs: sled allows one process per store, so admins
-//! never open it themselves while the server is up. The server listens on a Unix
-//! socket, `<state-dir>/admin.sock`, mode 0600 inside a 0700 directory: whoever can
-//! open it is as trusted as the CA's own user. The peer's uid is recorded in the audit.
+//! Admin operations while the CA runs. Signing needs the CA key, which only the server
+//! holds; revocations made here take effect on this replica at once (others follow
+//! within a second). The server listens on a Unix socket, `<state-dir>/admin.sock`,
+//! mode 0600 inside a 0700 directory: whoever can open it is as trusted as the CA's
+//! own user. The peer's uid is recorded in the audit.
 //!
 //! Protocol: one JSON request line, one JSON response line, then the server closes.
 
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Api, AuditRecord, Decision, ListFilter, Outcome, VerifyReport};
+use crate::audit::{Api, AuditRecord, Decision, ListFilter, Outcome, Revoke, VerifyReport};
 use crate::authn::Caller;
 use crate::issuance::Issuance;
 
@@ -99,45 +100,87 @@ fn error(message: impl Into<String>) -> AdminResponse {
     }
 }
 
-/// Checks a revocation request against the log (the serial is ours and not yet
-/// revoked) and builds its decision; shared by the admin socket and the offline CLI.
-/// Returns the normalised serial and the decision to record.
-pub fn revocation_decision(
+/// Checks a revocation request against the store (the serial is a certificate this CA
+/// issued that has not expired, and is not revoked yet) and builds its decision;
+/// shared by the admin socket and the command line. Returns what to revoke and the
+/// decision to record.
+pub async fn revocation_decision(
     store: &crate::audit::AuditStore,
     serial: &str,
     reason: &str,
     authenticator: &str,
     caller: String,
-) -> Result<(String, Decision), String> {
+) -> Result<(Revoke, Decision), String> {
     let serial = ca_core::x509::parse_serial(serial)?;
     if reason.trim().is_empty() {
         return Err("a revocation needs a --reason".into());
     }
     let issued = store
-        .issued_record(&serial)
+        .certificate(&serial)
+        .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| {
-            format!("serial {serial} was not issued by this CA (it is not in the audit log)")
+            format!(
+                "serial {serial} was not issued by this CA, or has expired (no unexpired certificate with it is in the audit store)"
+            )
         })?;
-    if let Some(r) = store.revocation(&serial).map_err(|e| e.to_string())? {
-        return Err(format!(
-            "serial {serial} is already revoked (audit record {})",
-            r.seq
-        ));
+    if let Some(r) = store.revocation(&serial).await.map_err(|e| e.to_string())? {
+        return Err(match r.cause {
+            Some(cause) => format!(
+                "serial {serial} is already revoked: it was renewed from revoked certificate {cause}"
+            ),
+            None => format!("serial {serial} is already revoked ({})", r.reason),
+        });
     }
+    // The identity, for the record, when retention has kept the issuance's record.
+    let spiffe_id = store
+        .issued_record(&serial)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|r| r.decision.spiffe_id);
     let decision = Decision {
         api: Some(Api::Admin),
         outcome: Some(Outcome::Revoked),
+        spiffe_id,
         reason: Some("admin_revocation".into()),
         detail: Some(reason.to_owned()),
         authenticator: Some(authenticator.to_owned()),
         caller: Some(caller),
         serial: Some(serial.clone()),
-        spiffe_id: issued.decision.spiffe_id,
-        not_after: issued.decision.not_after,
+        not_after: Some(crate::audit::rfc3339_secs(issued.not_after)),
         ..Default::default()
     };
-    Ok((serial, decision))
+    Ok((
+        Revoke {
+            serial,
+            not_after: issued.not_after,
+        },
+        decision,
+    ))
+}
+
+/// Runs the store-only requests (everything but signing) on `store`: for the running
+/// server and for the command line alike.
+pub async fn query(store: &crate::audit::AuditStore, req: &AdminRequest) -> Option<AdminResponse> {
+    let result = match req {
+        AdminRequest::AuditList { filter } => store
+            .list(filter)
+            .await
+            .map(|records| AdminResponse::Records { records }),
+        AdminRequest::AuditShow { serial } => match ca_core::x509::parse_serial(serial) {
+            Ok(s) => store
+                .show(&s)
+                .await
+                .map(|records| AdminResponse::Records { records }),
+            Err(e) => return Some(error(e)),
+        },
+        AdminRequest::AuditVerify => store
+            .verify()
+            .await
+            .map(|report| AdminResponse::Verified { report }),
+        AdminRequest::Sign { .. } | AdminRequest::Revoke { .. } => return None,
+    };
+    Some(result.unwrap_or_else(|e| error(e.to_string())))
 }
 
 /// Executes admin requests against the running CA.
@@ -155,6 +198,9 @@ impl AdminService {
     /// Handles one request from `admin` (e.g. `uid:1000`).
     pub async fn handle(&self, req: AdminRequest, admin: String) -> AdminResponse {
         let store = self.issuance.audit.store().clone();
+        if let Some(answer) = query(&store, &req).await {
+            return answer;
+        }
         match req {
             AdminRequest::Sign {
                 namespace,
@@ -166,30 +212,7 @@ impl AdminService {
                     .await
             }
             AdminRequest::Revoke { serial, reason } => self.revoke(serial, reason, admin).await,
-            AdminRequest::AuditList { filter } => {
-                match tokio::task::spawn_blocking(move || store.list(&filter)).await {
-                    Ok(Ok(records)) => AdminResponse::Records { records },
-                    Ok(Err(e)) => error(e.to_string()),
-                    Err(e) => error(e.to_string()),
-                }
-            }
-            AdminRequest::AuditShow { serial } => {
-                let serial = match ca_core::x509::parse_serial(&serial) {
-                    Ok(s) => s,
-                    Err(e) => return error(e),
-                };
-                match store.show(&serial) {
-                    Ok(records) => AdminResponse::Records { records },
-                    Err(e) => error(e.to_string()),
-                }
-            }
-            AdminRequest::AuditVerify => {
-                match tokio::task::spawn_blocking(move || store.verify()).await {
-                    Ok(Ok(report)) => AdminResponse::Verified { report },
-                    Ok(Err(e)) => error(e.to_string()),
-                    Err(e) => error(e.to_string()),
-                }
-            }
+            _ => error("unexpected request"),
         }
     }
 
@@ -216,6 +239,7 @@ impl AdminService {
             identity,
             authenticator: "admin-socket",
             principal: None,
+            client_serial: None,
         };
         let policy = self.issuance.export_policy;
         match self
@@ -247,17 +271,13 @@ impl AdminService {
 
     async fn revoke(&self, serial: String, reason: String, admin: String) -> AdminResponse {
         let store = self.issuance.audit.store();
-        let (serial, decision) =
-            match revocation_decision(store, &serial, &reason, "admin-socket", admin) {
+        let (revoke, decision) =
+            match revocation_decision(store, &serial, &reason, "admin-socket", admin).await {
                 Ok(d) => d,
                 Err(e) => return error(e),
             };
-        match self
-            .issuance
-            .audit
-            .revoke(decision, serial.clone(), reason)
-            .await
-        {
+        let serial = revoke.serial.clone();
+        match self.issuance.audit.revoke(decision, revoke).await {
             Ok(record) => {
                 tracing::info!(%serial, "revoked");
                 AdminResponse::Revoked {

@@ -1,12 +1,17 @@
 //! Audit: every decision (issued, denied, revoked) is recorded durably before the
-//! caller hears the answer.
+//! caller hears the answer, in SQLite or PostgreSQL; the revoked serials this replica
+//! enforces are kept fresh from the same store.
 
 mod record;
+pub mod revocations;
+mod schema;
 mod store;
 mod writer;
 
-pub use record::{Api, AuditRecord, Decision, GENESIS_HASH, Outcome};
+pub use record::{Api, AuditRecord, Decision, EncodeError, Outcome, rfc3339_secs};
+pub use revocations::{RevocationView, Stale};
 pub use store::{
-    Append, AuditError, AuditStore, ListFilter, Revocation, VerifyReport, now_rfc3339,
+    Append, AuditError, AuditStore, ChainHead, Dialect, IssuedCertificate, ListFilter, Revocation,
+    Revoke, StoreLocation, VerifyReport, now_us,
 };
 pub use writer::{AuditHealth, AuditWriter};

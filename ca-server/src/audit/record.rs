@@ -1,7 +1,9 @@
-//! One audit record: a decision the CA made, and the hash chain that binds it to the
-//! records before it.
+//! One audit record: a decision the CA made, its place in its writer's hash chain, and
+//! the exact encoding its hash covers.
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Which entry point a decision came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,9 +13,9 @@ pub enum Api {
     Modern,
     /// `IstioCAService/HandleCSR`.
     Legacy,
-    /// The local admin socket (export-bundle, revoke).
+    /// The local admin socket or command line (export-bundle, revoke).
     Admin,
-    /// The CA itself (its own serving certificate).
+    /// The CA itself (its own serving certificate, the Secret controller).
     Internal,
 }
 
@@ -26,6 +28,22 @@ impl Api {
             Api::Admin => "admin",
             Api::Internal => "internal",
         }
+    }
+
+    /// The stored code. Stable: it is part of every record's hash.
+    pub(super) fn code(self) -> i64 {
+        match self {
+            Api::Modern => 1,
+            Api::Legacy => 2,
+            Api::Admin => 3,
+            Api::Internal => 4,
+        }
+    }
+
+    pub(super) fn from_code(code: i64) -> Option<Self> {
+        [Api::Modern, Api::Legacy, Api::Admin, Api::Internal]
+            .into_iter()
+            .find(|a| a.code() == code)
     }
 }
 
@@ -62,9 +80,25 @@ impl Outcome {
             )),
         }
     }
+
+    /// The stored code. Stable: it is part of every record's hash.
+    pub(super) fn code(self) -> i64 {
+        match self {
+            Outcome::Issued => 1,
+            Outcome::Denied => 2,
+            Outcome::Revoked => 3,
+        }
+    }
+
+    pub(super) fn from_code(code: i64) -> Option<Self> {
+        [Outcome::Issued, Outcome::Denied, Outcome::Revoked]
+            .into_iter()
+            .find(|o| o.code() == code)
+    }
 }
 
-/// A decision, as the request path fills it in. The store adds sequence, time and chain.
+/// A decision, as the request path fills it in. The store adds chain, sequence, time
+/// and hash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// Which API.
@@ -97,10 +131,14 @@ pub struct Decision {
     /// Serial of the issued (or revoked) certificate, lowercase hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    /// Certificate validity start, RFC 3339.
+    /// Serial of the client certificate that authenticated the caller, when one did:
+    /// what a certificate was renewed from. Revoking it revokes this one too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_serial: Option<String>,
+    /// Certificate validity start, RFC 3339 (whole seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
-    /// Certificate validity end, RFC 3339.
+    /// Certificate validity end, RFC 3339 (whole seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_after: Option<String>,
     /// SHA-256 of the certified public key (SPKI DER), hex.
@@ -111,101 +149,319 @@ pub struct Decision {
     pub cert_sha256: Option<String>,
 }
 
-/// A stored record: the decision plus its place in the chain.
+/// A stored record: the decision plus its place in its writer's chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// Position in the log, from 1, without gaps.
+    /// The writer's chain (one per replica or admin process).
+    pub chain: String,
+    /// Position in the chain, from 1, without gaps.
     pub seq: u64,
-    /// When the decision was recorded, RFC 3339 UTC.
+    /// When the decision was recorded, RFC 3339 UTC with microseconds.
     pub time: String,
-    /// Hash of the previous record (hex SHA-256); all zeros for the first.
-    pub prev_hash: String,
+    /// SHA-256 over the previous record's hash and this record's encoding, hex.
+    pub hash: String,
     /// The decision.
     #[serde(flatten)]
     pub decision: Decision,
 }
 
-/// The hash that precedes the first record.
-pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The hash that precedes the first record of a chain.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
-/// Appends a record to `out` as stored: 64 hex characters of SHA-256 over the JSON
-/// body, a newline, then the body; returns the hash. Hashing the exact stored bytes
-/// means any edit is detected, including fields a reader would not know. The record
-/// is serialised in place, so a group commit's value is built without copies. On an
-/// error `out` is left as it was (a caller that wrote a separator first removes it).
-pub fn encode_into(record: &AuditRecord, out: &mut Vec<u8>) -> Result<String, serde_json::Error> {
-    let start = out.len();
-    out.extend_from_slice(&[b'0'; 64]);
-    out.push(b'\n');
-    if let Err(e) = serde_json::to_writer(&mut *out, record) {
-        out.truncate(start);
-        return Err(e);
-    }
-    let hash = ca_core::x509::sha256_hex(&out[start + 65..]);
-    out[start..start + 64].copy_from_slice(hash.as_bytes());
-    Ok(hash)
+/// Why a decision cannot be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// A required field is missing.
+    #[error("decision without {0}")]
+    Missing(&'static str),
+    /// A field does not have the shape the store keeps.
+    #[error("{field} {value:?} is not {expected}")]
+    Shape {
+        /// Which field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
 }
 
-/// One record as stored in a value: the hash it states and its JSON body.
-#[derive(Clone, Copy, Debug)]
-pub struct Frame<'a> {
-    /// The hash the record states for its body (64 hex characters when well formed).
-    pub stated: &'a [u8],
-    /// The JSON body, exactly as stored.
-    pub body: &'a [u8],
+/// A record exactly as stored: one column each. Everything the hash covers is here,
+/// in the types the database keeps, so a record read back hashes as it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Row {
+    pub seq: i64,
+    pub time_us: i64,
+    pub api: i64,
+    pub outcome: i64,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub authenticator: Option<String>,
+    pub caller: Option<String>,
+    pub peer: Option<String>,
+    pub requested_ttl: i64,
+    pub granted_ttl: Option<i64>,
+    pub spiffe_id: Option<String>,
+    pub serial: Option<String>,
+    pub client_serial: Option<String>,
+    pub not_before: Option<i64>,
+    pub not_after: Option<i64>,
+    pub spki_sha256: Option<Vec<u8>>,
+    pub cert_sha256: Option<Vec<u8>>,
 }
 
-impl Frame<'_> {
-    /// The stated hash, as text.
-    pub fn stated_hash(&self) -> String {
-        String::from_utf8_lossy(self.stated).into_owned()
-    }
-
-    /// Whether the body still hashes to what the record states (false after an edit).
-    /// Only verification needs this; readers trust the store.
-    pub fn intact(&self) -> bool {
-        ca_core::x509::sha256_hex(self.body).as_bytes() == self.stated
-    }
-
-    /// The record.
-    pub fn record(&self) -> Result<AuditRecord, String> {
-        serde_json::from_slice(self.body).map_err(|e| format!("record body does not parse: {e}"))
-    }
+fn unix_secs(field: &'static str, v: &Option<String>) -> Result<Option<i64>, EncodeError> {
+    v.as_deref()
+        .map(|s| {
+            OffsetDateTime::parse(s, &Rfc3339)
+                .ok()
+                .filter(|t| t.nanosecond() == 0)
+                .map(OffsetDateTime::unix_timestamp)
+                .ok_or_else(|| EncodeError::Shape {
+                    field,
+                    value: s.to_owned(),
+                    expected: "an RFC 3339 time in whole seconds",
+                })
+        })
+        .transpose()
 }
 
-/// Splits a stored value into its records, in order. A value holds the records of one
-/// group commit, each encoded as by [`encode_into`] and separated by a newline (a compact
-/// JSON body never contains one). A value written before values held batches is one
-/// record, the same format. A framing error ends the value.
-pub fn frames(stored: &[u8]) -> Vec<Result<Frame<'_>, String>> {
-    let mut out = Vec::new();
-    let mut rest = stored;
-    while !rest.is_empty() {
-        if rest.len() < 65 || rest[64] != b'\n' {
-            out.push(Err("record is not framed as hash + body".into()));
-            break;
-        }
-        let after = &rest[65..];
-        let end = after
-            .iter()
-            .position(|b| *b == b'\n')
-            .unwrap_or(after.len());
-        out.push(Ok(Frame {
-            stated: &rest[..64],
-            body: &after[..end],
-        }));
-        rest = after.get(end + 1..).unwrap_or_default();
-    }
-    if out.is_empty() {
-        out.push(Err("empty value".into()));
-    }
-    out
+fn digest(field: &'static str, v: &Option<String>) -> Result<Option<Vec<u8>>, EncodeError> {
+    v.as_deref()
+        .map(|s| {
+            decode_hex(s)
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| EncodeError::Shape {
+                    field,
+                    value: s.to_owned(),
+                    expected: "a hex SHA-256 digest",
+                })
+        })
+        .transpose()
 }
 
-/// Every record of a stored value, in order (see [`frames`]).
-pub fn records(stored: &[u8]) -> Result<Vec<(Frame<'_>, AuditRecord)>, String> {
-    frames(stored)
-        .into_iter()
-        .map(|f| f.and_then(|f| Ok((f, f.record()?))))
+/// Lowercase or uppercase hex to bytes; `None` for anything else.
+pub(super) fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// Formats a unix time in whole seconds as stored decisions show it.
+pub fn rfc3339_secs(secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Formats a unix time in microseconds as record times show it.
+pub fn rfc3339_us(us: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+impl Row {
+    /// The stored form of `decision`, at `seq` and `time_us`.
+    pub fn encode(decision: &Decision, seq: i64, time_us: i64) -> Result<Row, EncodeError> {
+        let d = decision;
+        Ok(Row {
+            seq,
+            time_us,
+            api: d.api.ok_or(EncodeError::Missing("api"))?.code(),
+            outcome: d.outcome.ok_or(EncodeError::Missing("outcome"))?.code(),
+            reason: d.reason.clone(),
+            detail: d.detail.clone(),
+            authenticator: d.authenticator.clone(),
+            caller: d.caller.clone(),
+            peer: d.peer.clone(),
+            requested_ttl: d.requested_ttl_secs,
+            granted_ttl: d.granted_ttl_secs,
+            spiffe_id: d.spiffe_id.clone(),
+            serial: d.serial.clone(),
+            client_serial: d.client_serial.clone(),
+            not_before: unix_secs("not_before", &d.not_before)?,
+            not_after: unix_secs("not_after", &d.not_after)?,
+            spki_sha256: digest("spki_sha256", &d.spki_sha256)?,
+            cert_sha256: digest("cert_sha256", &d.cert_sha256)?,
+        })
+    }
+
+    /// The record as listings show it. `None` when a stored code is unknown (the row
+    /// was written by something else than this CA).
+    pub fn decode(self, chain: &str, hash: &[u8]) -> Option<AuditRecord> {
+        Some(AuditRecord {
+            chain: chain.to_owned(),
+            seq: u64::try_from(self.seq).ok()?,
+            time: rfc3339_us(self.time_us),
+            hash: ca_core::x509::hex(hash),
+            decision: Decision {
+                api: Some(Api::from_code(self.api)?),
+                outcome: Some(Outcome::from_code(self.outcome)?),
+                reason: self.reason,
+                detail: self.detail,
+                authenticator: self.authenticator,
+                caller: self.caller,
+                peer: self.peer,
+                requested_ttl_secs: self.requested_ttl,
+                granted_ttl_secs: self.granted_ttl,
+                spiffe_id: self.spiffe_id,
+                serial: self.serial,
+                client_serial: self.client_serial,
+                not_before: self.not_before.map(rfc3339_secs),
+                not_after: self.not_after.map(rfc3339_secs),
+                spki_sha256: self.spki_sha256.as_deref().map(ca_core::x509::hex),
+                cert_sha256: self.cert_sha256.as_deref().map(ca_core::x509::hex),
+            },
+        })
+    }
+
+    /// The record's hash: SHA-256 over a domain label, the previous record's hash, the
+    /// chain's name and every column, each length-prefixed (or as 8 big-endian bytes),
+    /// absent values marked. Editing, moving or renumbering any record changes it.
+    pub fn hash(&self, prev: &[u8; 32], chain: &str) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"istio-ca-rs audit record v1\0");
+        ctx.update(prev);
+        let text = |ctx: &mut ring::digest::Context, v: Option<&[u8]>| match v {
+            None => ctx.update(&[0]),
+            Some(b) => {
+                ctx.update(&[1]);
+                ctx.update(&(b.len() as u64).to_be_bytes());
+                ctx.update(b);
+            }
+        };
+        let int = |ctx: &mut ring::digest::Context, v: Option<i64>| match v {
+            None => ctx.update(&[0]),
+            Some(i) => {
+                ctx.update(&[1]);
+                ctx.update(&i.to_be_bytes());
+            }
+        };
+        text(&mut ctx, Some(chain.as_bytes()));
+        for i in [self.seq, self.time_us, self.api, self.outcome] {
+            int(&mut ctx, Some(i));
+        }
+        for s in [
+            &self.reason,
+            &self.detail,
+            &self.authenticator,
+            &self.caller,
+            &self.peer,
+        ] {
+            text(&mut ctx, s.as_deref().map(str::as_bytes));
+        }
+        int(&mut ctx, Some(self.requested_ttl));
+        int(&mut ctx, self.granted_ttl);
+        for s in [&self.spiffe_id, &self.serial, &self.client_serial] {
+            text(&mut ctx, s.as_deref().map(str::as_bytes));
+        }
+        int(&mut ctx, self.not_before);
+        int(&mut ctx, self.not_after);
+        text(&mut ctx, self.spki_sha256.as_deref());
+        text(&mut ctx, self.cert_sha256.as_deref());
+        ctx.finish().as_ref().try_into().unwrap_or([0; 32])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued() -> Decision {
+        Decision {
+            api: Some(Api::Modern),
+            outcome: Some(Outcome::Issued),
+            authenticator: Some("client-cert".into()),
+            caller: Some("spiffe://cluster.local/ns/a/sa/b".into()),
+            peer: Some("10.0.0.1:5000".into()),
+            requested_ttl_secs: 86400,
+            granted_ttl_secs: Some(86400),
+            spiffe_id: Some("spiffe://cluster.local/ns/a/sa/b".into()),
+            serial: Some("1a2b".into()),
+            client_serial: Some("ff".into()),
+            not_before: Some("2026-12-01T10:00:00Z".into()),
+            not_after: Some("2026-12-02T10:00:00Z".into()),
+            spki_sha256: Some("ab".repeat(32)),
+            cert_sha256: Some("cd".repeat(32)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_decision_round_trips_through_its_row() {
+        let row = Row::encode(&issued(), 7, 1_764_583_200_123_456).unwrap();
+        let hash = row.hash(&GENESIS_HASH, "replica-0");
+        let rec = row.clone().decode("replica-0", &hash).unwrap();
+        assert_eq!(rec.decision, issued());
+        assert_eq!(rec.seq, 7);
+        assert_eq!(rec.time, "2025-12-01T10:00:00.123456Z");
+        // Reading a record back and encoding it again gives the same row and hash.
+        let again = Row::encode(&rec.decision, 7, row.time_us).unwrap();
+        assert_eq!(again, row);
+        assert_eq!(again.hash(&GENESIS_HASH, "replica-0"), hash);
+    }
+
+    #[test]
+    fn every_field_the_chain_and_the_previous_hash_change_the_hash() {
+        let row = Row::encode(&issued(), 1, 1).unwrap();
+        let base = row.hash(&GENESIS_HASH, "a");
+        assert_ne!(row.hash(&[1; 32], "a"), base);
+        assert_ne!(row.hash(&GENESIS_HASH, "b"), base);
+        let edits: Vec<fn(&mut Row)> = vec![
+            |r| r.seq += 1,
+            |r| r.time_us += 1,
+            |r| r.api = 2,
+            |r| r.outcome = 2,
+            |r| r.reason = Some(String::new()),
+            |r| r.detail = Some("x".into()),
+            |r| r.authenticator = None,
+            |r| r.caller = Some("spiffe://cluster.local/ns/a/sa/c".into()),
+            |r| r.peer = None,
+            |r| r.requested_ttl = 1,
+            |r| r.granted_ttl = None,
+            |r| r.spiffe_id = None,
+            |r| r.serial = Some("1a2c".into()),
+            |r| r.client_serial = None,
+            |r| r.not_before = None,
+            |r| r.not_after = Some(0),
+            |r| r.spki_sha256 = None,
+            |r| r.cert_sha256 = Some(vec![0; 32]),
+        ];
+        for (i, edit) in edits.into_iter().enumerate() {
+            let mut r = row.clone();
+            edit(&mut r);
+            assert_ne!(r.hash(&GENESIS_HASH, "a"), base, "edit {i}");
+        }
+        // Moving text between adjacent fields changes it too (length prefixes).
+        let mut a = row.clone();
+        a.reason = Some("ab".into());
+        a.detail = Some("c".into());
+        let mut b = row;
+        b.reason = Some("a".into());
+        b.detail = Some("bc".into());
+        assert_ne!(a.hash(&GENESIS_HASH, "a"), b.hash(&GENESIS_HASH, "a"));
+    }
+
+    #[test]
+    fn decisions_the_store_cannot_keep_are_refused() {
+        let mut d = issued();
+        d.api = None;
+        assert!(matches!(
+            Row::encode(&d, 1, 1),
+            Err(EncodeError::Missing("api"))
+        ));
+        let mut d = issued();
+        d.not_after = Some("2026-12-02T10:00:00.5Z".into());
+        assert!(Row::encode(&d, 1, 1).is_err());
+        let mut d = issued();
+        d.cert_sha256 = Some("abc".into());
+        assert!(Row::encode(&d, 1, 1).is_err());
+    }
 }

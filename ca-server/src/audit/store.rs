@@ -1,78 +1,216 @@
-//! The audit store: an append-only, hash-chained log of decisions in sled.
+//! The audit store: decisions, the certificates they issued and the revocations, in
+//! SQLite (a file in the state directory, the embedded default) or PostgreSQL (shared
+//! by every replica), through one code path on sqlx's Any driver.
 //!
-//! Trees:
-//! - `records`: big-endian `seq` of a value's first record → the records of one group
-//!   commit, each `hash\nbody`, newline-separated (see [`super::record::frames`]),
-//! - `by-clock`: the issued serials of one value whose issuance clock (see
-//!   [`ca_core::authority::serial_clock_nanos`]) falls in one 10 ms bucket: key
-//!   `bucket ‖ seq of the value's first record`, value `serial seq` lines,
-//! - `serials`: serial → `seq`, one entry per record: how stores written before
-//!   `by-clock` existed index their serials, and the fallback for a serial without
-//!   the clock's shape,
-//! - `revoked`: serial → revocation (JSON), written in the same batch as its record,
-//! - `meta`: `head` (last seq and hash) and `anchor` (where verification starts after
-//!   retention pruned older records).
+//! Durability: a batch is acknowledged only after its transaction commits. SQLite runs
+//! in WAL mode with `synchronous = FULL`, so every commit fsyncs the log; PostgreSQL
+//! sessions set `synchronous_commit = on`, so a commit returns once the WAL is flushed.
 //!
-//! A write is only acknowledged after `flush`, so a caller that was answered can rely
-//! on the record surviving a crash. The CA private key never goes into sled.
-//!
-//! Why a value holds several records: sled rewrites a whole leaf node (up to 17
-//! entries) on every insert, so with one ~700-byte record per key each insert copied
-//! about 10 KB. One insert per group commit does that work once for the batch
-//! (`ca-audit-bench`, docs/BENCHMARKS.md). The serial index follows suit: one entry
-//! per value and clock bucket, not one per certificate; serials carry their issuance
-//! time, so a lookup reads one bucket.
+//! Tamper evidence with several writers: each writer appends to a hash chain of its
+//! own (`audit_chains`), locking the chain's head row for the length of its
+//! transaction, so two processes that share a chain name still never fork it.
 
-use std::collections::HashSet;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
+use sqlx::any::AnyPoolOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row as _, Transaction};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
-use super::record::{self, AuditRecord, Decision, GENESIS_HASH, Outcome};
+use super::record::{self, AuditRecord, Decision, EncodeError, GENESIS_HASH, Outcome, Row};
+use super::schema;
 
 /// Why the audit store failed. Any of these stops issuance: no record, no certificate.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    /// Another process holds the store.
+    /// The database refused or could not be reached.
+    #[error("audit store error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A batch could not be committed; shared by every request of the batch.
+    #[error("{0}")]
+    Unavailable(Arc<AuditError>),
+    /// The database did not answer in time.
+    #[error("the audit store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The store was written by a newer version of this CA.
     #[error(
-        "the audit store at {0} is in use by another process (is ca-server running? admin commands then go through its admin socket)"
+        "the audit store has schema version {found}; this build knows up to {known}: upgrade ca-server"
     )]
-    Locked(String),
-    /// sled reported an I/O or corruption error (disk full, permissions, ...).
-    #[error("audit store I/O error: {0}")]
-    Io(String),
+    SchemaTooNew {
+        /// Version in the store.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+    /// SQLite could not switch to write-ahead logging, which durability relies on.
+    #[error(
+        "SQLite at {0} did not accept journal_mode=WAL (a file system without shared-memory support?)"
+    )]
+    NoWal(String),
     /// The record could not be encoded.
     #[error("audit record could not be encoded: {0}")]
-    Encode(String),
+    Encode(#[from] EncodeError),
+    /// A stored row this CA cannot read.
+    #[error("audit store holds a row this CA cannot read: {0}")]
+    Corrupt(String),
     /// The writer task is gone (the server is shutting down).
     #[error("the audit writer has stopped")]
     WriterGone,
 }
 
-impl From<sled::Error> for AuditError {
-    fn from(e: sled::Error) -> Self {
-        AuditError::Io(e.to_string())
+/// Which SQL the store speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite, embedded.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Dialect {
+    /// Begins a transaction that writes. SQLite takes its write lock at once, so two
+    /// writers never both read a chain head and then collide on the upgrade.
+    pub(super) async fn begin_write(
+        self,
+        conn: &mut AnyConnection,
+    ) -> Result<Transaction<'_, Any>, sqlx::Error> {
+        match self {
+            Dialect::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => conn.begin().await,
+        }
+    }
+
+    /// What locks a selected row until the transaction ends (SQLite's write lock
+    /// already covers the whole database).
+    fn for_update(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
     }
 }
 
-/// A revocation as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revocation {
-    /// Serial of the revoked certificate.
-    pub serial: String,
-    /// Why, as the admin said it.
-    pub reason: String,
-    /// Sequence number of the audit record of the revocation.
-    pub seq: u64,
+/// A pooled connection for one write transaction. Unless the transaction is marked
+/// committed, the connection is closed rather than returned to the pool: a COMMIT
+/// that failed (a full disk) can leave SQLite's transaction open, and a transaction
+/// abandoned mid-way (a timeout) leaves the connection in an unknown state.
+pub(super) struct WriteConnection {
+    conn: PoolConnection<Any>,
+    committed: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ChainPoint {
-    seq: u64,
-    hash: String,
+impl WriteConnection {
+    pub(super) async fn acquire(pool: &AnyPool) -> Result<Self, sqlx::Error> {
+        Ok(WriteConnection {
+            conn: pool.acquire().await?,
+            committed: false,
+        })
+    }
+
+    pub(super) fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+
+    /// The transaction committed: the connection may be reused.
+    pub(super) fn committed(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for WriteConnection {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Where the store lives: `--store`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://user:password@host/db?sslmode=verify-full`).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl StoreLocation {
+    /// Parses `--store`: empty or `sqlite` for `<state-dir>/audit.db`, `sqlite:PATH`,
+    /// or a `postgres://` / `postgresql://` URL.
+    pub fn parse(spec: &str, state_dir: &Path) -> Result<Self, String> {
+        let spec = spec.trim();
+        if spec.is_empty() || spec == "sqlite" {
+            return Ok(StoreLocation::Sqlite(state_dir.join("audit.db")));
+        }
+        if let Some(path) = spec
+            .strip_prefix("sqlite://")
+            .or_else(|| spec.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() || path.contains(['?', '#', '%']) {
+                return Err(format!(
+                    "--store {spec:?}: give a plain file path after sqlite: (no '?', '#' or '%')"
+                ));
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            url::Url::parse(spec)
+                .map_err(|e| format!("--store: not a valid PostgreSQL URL: {e}"))?;
+            return Ok(StoreLocation::Postgres(spec.to_owned()));
+        }
+        Err(format!(
+            "--store {:?}: use sqlite, sqlite:PATH or postgres://USER@HOST/DB",
+            StoreLocation::Postgres(spec.to_owned()).describe()
+        ))
+    }
+
+    /// For messages and logs: the PostgreSQL URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => format!("sqlite:{}", p.display()),
+            StoreLocation::Postgres(url) => match url::Url::parse(url) {
+                Ok(mut u) => {
+                    if u.password().is_some() {
+                        let _ = u.set_password(Some("***"));
+                    }
+                    u.to_string()
+                }
+                Err(_) => "postgres://(unparsable URL)".into(),
+            },
+        }
+    }
+
+    fn dialect(&self) -> Dialect {
+        match self {
+            StoreLocation::Sqlite(_) => Dialect::Sqlite,
+            StoreLocation::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => format!("sqlite://{}?mode=rwc", p.display()),
+            StoreLocation::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// A revocation to record with its decision.
+#[derive(Clone, Debug)]
+pub struct Revoke {
+    /// Serial of the revoked certificate.
+    pub serial: String,
+    /// When it expires: the revocation is kept until then.
+    pub not_after: i64,
 }
 
 /// What to write in one request.
@@ -80,23 +218,60 @@ struct ChainPoint {
 pub struct Append {
     /// The decision.
     pub decision: Decision,
-    /// When the decision is a revocation: its serial and reason.
-    pub revoke: Option<(String, String)>,
+    /// When the decision is a revocation: what it revokes.
+    pub revoke: Option<Revoke>,
+}
+
+/// A certificate this CA issued, as `certificates` keeps it until it expires.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// Serial, hex.
+    pub serial: String,
+    /// End of validity, unix seconds.
+    pub not_after: i64,
+    /// The client certificate it was renewed from, if any.
+    pub parent: Option<String>,
+    /// Chain and sequence number of its audit record (which retention may have pruned).
+    pub chain: String,
+    /// See `chain`.
+    pub seq: u64,
+}
+
+/// A revocation as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Serial of the revoked certificate.
+    pub serial: String,
+    /// Why, as the admin said it (or why it followed another revocation).
+    pub reason: String,
+    /// For a certificate revoked because it was renewed from a revoked one: that one.
+    pub cause: Option<String>,
+}
+
+/// One chain's part of [`VerifyReport`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// The chain's name.
+    pub chain: String,
+    /// Sequence number verification started from (after retention pruning).
+    pub first_seq: u64,
+    /// Last sequence number.
+    pub head_seq: u64,
+    /// Hash of the head record, hex.
+    pub head_hash: String,
 }
 
 /// Result of [`AuditStore::verify`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
-    /// Records checked.
+    /// Records checked, over every chain.
     pub checked: u64,
-    /// Sequence number verification started from (after retention pruning).
-    pub first_seq: u64,
-    /// Head of the log: last sequence number and its hash. Note it down elsewhere to
-    /// detect a truncated tail later.
-    pub head_seq: u64,
-    /// Hash of the head record.
-    pub head_hash: String,
-    /// Every problem found; empty means the chain is intact.
+    /// Every chain's extent and head. Note them down elsewhere (or sign them: `audit
+    /// checkpoint`) to detect a rewritten or truncated store later.
+    pub chains: Vec<ChainHead>,
+    /// Signed checkpoints checked against the chains.
+    pub checkpoints: u64,
+    /// Every problem found; empty means every chain is intact.
     pub problems: Vec<String>,
 }
 
@@ -105,7 +280,7 @@ pub struct VerifyReport {
 pub struct ListFilter {
     /// Matches the caller or the granted SPIFFE ID.
     pub identity: Option<String>,
-    /// Only records at or after this time.
+    /// Only records at or after this time (RFC 3339).
     pub since: Option<String>,
     /// Only this outcome.
     pub outcome: Option<Outcome>,
@@ -113,876 +288,727 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// The sled-backed store. One writer at a time appends (see [`super::AuditWriter`]).
+/// The writer's chain.
+#[derive(Clone, Debug)]
+struct Chain {
+    id: i64,
+    name: String,
+}
+
+/// The store. Cheap to share; every method is one or a few transactions.
 pub struct AuditStore {
-    db: sled::Db,
-    records: sled::Tree,
-    by_clock: sled::Tree,
-    serials: sled::Tree,
-    revoked: sled::Tree,
-    meta: sled::Tree,
-    chain: Mutex<ChainPoint>,
-    revoked_set: Arc<RwLock<HashSet<String>>>,
+    pool: AnyPool,
+    dialect: Dialect,
+    location: StoreLocation,
+    chain: Chain,
 }
 
-/// sled's page cache.
-const CACHE_BYTES: u64 = 32 * 1024 * 1024;
-
-/// A value is closed once it holds this many bytes. sled writes a log item larger than
-/// a quarter of its 512 KiB segment as a file of its own (a "blob"), and a leaf node
-/// holds up to 17 values: at 6 KiB a full node stays well inside the log.
-const VALUE_BYTES: usize = 6 * 1024;
-
-/// Records encoded for one sled value, not yet inserted.
-struct Chunk {
-    value: Vec<u8>,
-    /// Where the chain stands after the last record of the chunk.
-    head: Option<ChainPoint>,
-    entries: Vec<ChunkEntry>,
+/// Current time in unix microseconds.
+pub fn now_us() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 
-impl Chunk {
-    fn new() -> Self {
-        Chunk {
-            // Room for the record that crosses VALUE_BYTES: the value never reallocates.
-            value: Vec::with_capacity(VALUE_BYTES + 2048),
-            head: None,
-            entries: Vec::new(),
+/// Rows per multi-row INSERT: 19 parameters each, well under both databases' limits.
+const INSERT_ROWS: usize = 32;
+
+/// The columns of `audit_records` after `id`, in the order [`Row`] binds them.
+const RECORD_COLUMNS: &str = "chain_id, seq, time_us, api, outcome, reason, detail, authenticator, caller, peer, requested_ttl, granted_ttl, spiffe_id, serial, client_serial, not_before, not_after, spki_sha256, cert_sha256, hash";
+
+/// `INSERT INTO table (columns) VALUES ($1, ...), (...)` for `rows` rows of `width`.
+fn insert_sql(table: &str, columns: &str, width: usize, rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..width {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * width + c + 1));
         }
+        sql.push(')');
     }
+    sql
 }
 
-/// Position in the caller's batch, the record, and its revocation (serial, reason).
-type ChunkEntry = (usize, AuditRecord, Option<(String, String)>);
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
-fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
+fn bind_row<'q>(q: AnyQuery<'q>, chain_id: i64, row: &Row, hash: &[u8; 32]) -> AnyQuery<'q> {
+    q.bind(chain_id)
+        .bind(row.seq)
+        .bind(row.time_us)
+        .bind(row.api)
+        .bind(row.outcome)
+        .bind(row.reason.clone())
+        .bind(row.detail.clone())
+        .bind(row.authenticator.clone())
+        .bind(row.caller.clone())
+        .bind(row.peer.clone())
+        .bind(row.requested_ttl)
+        .bind(row.granted_ttl)
+        .bind(row.spiffe_id.clone())
+        .bind(row.serial.clone())
+        .bind(row.client_serial.clone())
+        .bind(row.not_before)
+        .bind(row.not_after)
+        .bind(row.spki_sha256.clone())
+        .bind(row.cert_sha256.clone())
+        .bind(hash.to_vec())
 }
 
-fn seq_of(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.try_into().ok()?))
+const SELECT_RECORD: &str = "SELECT c.name, r.seq, r.time_us, r.api, r.outcome, r.reason, r.detail, r.authenticator, r.caller, r.peer, r.requested_ttl, r.granted_ttl, r.spiffe_id, r.serial, r.client_serial, r.not_before, r.not_after, r.spki_sha256, r.cert_sha256, r.hash FROM audit_records r JOIN audit_chains c ON c.id = r.chain_id";
+
+/// Reads the columns of [`SELECT_RECORD`] (chain name first, hash last).
+fn read_row(row: &sqlx::any::AnyRow) -> Result<(String, Row, Vec<u8>), sqlx::Error> {
+    Ok((
+        row.try_get(0)?,
+        Row {
+            seq: row.try_get(1)?,
+            time_us: row.try_get(2)?,
+            api: row.try_get(3)?,
+            outcome: row.try_get(4)?,
+            reason: row.try_get(5)?,
+            detail: row.try_get(6)?,
+            authenticator: row.try_get(7)?,
+            caller: row.try_get(8)?,
+            peer: row.try_get(9)?,
+            requested_ttl: row.try_get(10)?,
+            granted_ttl: row.try_get(11)?,
+            spiffe_id: row.try_get(12)?,
+            serial: row.try_get(13)?,
+            client_serial: row.try_get(14)?,
+            not_before: row.try_get(15)?,
+            not_after: row.try_get(16)?,
+            spki_sha256: row.try_get(17)?,
+            cert_sha256: row.try_get(18)?,
+        },
+        row.try_get(19)?,
+    ))
 }
 
-/// Width of a `by-clock` bucket: at 10,000 certificates/s a bucket holds about a
-/// dozen entries; at ordinary rates, one.
-const BUCKET_NANOS: u64 = 10_000_000;
-
-fn clock_bucket(serial: &str) -> Option<[u8; 8]> {
-    ca_core::authority::serial_clock_nanos(serial).map(|ns| (ns / BUCKET_NANOS).to_be_bytes())
+fn decode_record(row: &sqlx::any::AnyRow) -> Result<AuditRecord, AuditError> {
+    let (chain, r, hash) = read_row(row)?;
+    let seq = r.seq;
+    r.decode(&chain, &hash)
+        .ok_or_else(|| AuditError::Corrupt(format!("record {seq} of chain {chain}")))
 }
 
-fn by_clock_key(bucket: [u8; 8], first_seq: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&bucket);
-    key[8..].copy_from_slice(&seq_key(first_seq));
-    key
+fn hash32(v: &[u8]) -> [u8; 32] {
+    v.try_into().unwrap_or([0xff; 32])
 }
 
-/// The issued serial of a record, if it issued one.
-fn issued_serial(rec: &AuditRecord) -> Option<&str> {
-    match rec.decision.outcome {
-        Some(Outcome::Issued) => rec.decision.serial.as_deref(),
-        _ => None,
-    }
-}
+/// The reason stored for a certificate revoked because it was renewed from one.
+const FOLLOWED: &str = "renewed from a revoked certificate";
 
-/// Current time formatted as stored.
-pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
+/// Revokes every certificate renewed, directly or not, from `$1`, recording `$1` as
+/// the cause and the admin revocation's record (`$2`, `$3`) as the decision.
+const REVOKE_DESCENDANTS: &str = "WITH RECURSIVE descendants(serial, not_after, parent) AS (
+        SELECT serial, not_after, parent FROM certificates WHERE parent = $1
+        UNION
+        SELECT c.serial, c.not_after, c.parent FROM certificates c JOIN descendants d ON c.parent = d.serial
+    )
+    INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
+    SELECT serial, not_after, $4, parent, $2, $3, $5 FROM descendants WHERE true
+    ON CONFLICT (serial) DO NOTHING";
 
 impl AuditStore {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, AuditError> {
-        // We flush explicitly before every acknowledgement; sled's periodic flusher would
-        // only add fsyncs. The store is written far more than read (revocation checks use
-        // an in-memory set), so sled's page cache is kept small: its default of 1 GiB
-        // would let a busy CA grow past its container's memory limit.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    AuditError::Locked(dir.display().to_string())
-                }
-                other => AuditError::Io(other.to_string()),
-            })?;
-        let records = db.open_tree("records")?;
-        let by_clock = db.open_tree("by-clock")?;
-        let serials = db.open_tree("serials")?;
-        let revoked = db.open_tree("revoked")?;
-        let meta = db.open_tree("meta")?;
-        let chain = match records.last()? {
-            Some((_, v)) => {
-                let newest = record::frames(&v)
-                    .pop()
-                    .unwrap_or_else(|| Err("empty value".into()))
-                    .map_err(AuditError::Io)?;
-                ChainPoint {
-                    seq: newest.record().map_err(AuditError::Io)?.seq,
-                    hash: newest.stated_hash(),
-                }
-            }
-            None => match meta.get("head")? {
-                // Every record was pruned: continue the chain from the stored head.
-                Some(v) => serde_json::from_slice(&v).map_err(|e| AuditError::Io(e.to_string()))?,
-                None => ChainPoint {
-                    seq: 0,
-                    hash: GENESIS_HASH.into(),
-                },
-            },
-        };
-        let mut set = HashSet::new();
-        for item in revoked.iter() {
-            let (k, _) = item?;
-            set.insert(String::from_utf8_lossy(&k).into_owned());
+    /// Opens (creating and migrating if needed) the store at `location`, appending to
+    /// the chain named `chain`.
+    pub async fn open(location: &StoreLocation, chain: &str) -> Result<Self, AuditError> {
+        sqlx::any::install_default_drivers();
+        let dialect = location.dialect();
+        if let StoreLocation::Sqlite(path) = location
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            crate::fsutil::create_private_dir(dir)
+                .map_err(|e| AuditError::Database(sqlx::Error::Io(e)))?;
         }
+        let session: &'static [&'static str] = match dialect {
+            // Per connection: FULL makes every commit fsync the write-ahead log.
+            Dialect::Sqlite => &["PRAGMA synchronous = FULL", "PRAGMA busy_timeout = 5000"],
+            Dialect::Postgres => &["SET synchronous_commit = on"],
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .min_connections(0)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    for s in session {
+                        sqlx::raw_sql(*s).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&location.url())
+            .await?;
+        if dialect == Dialect::Sqlite {
+            let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode = WAL")
+                .fetch_one(&pool)
+                .await?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(AuditError::NoWal(location.describe()));
+            }
+        }
+        schema::migrate(&pool, dialect).await?;
+        sqlx::query(
+            "INSERT INTO audit_chains (name, head_seq, head_hash, anchor_seq, anchor_hash)
+             VALUES ($1, 0, $2, 1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(chain)
+        .bind(GENESIS_HASH.to_vec())
+        .execute(&pool)
+        .await?;
+        let (id,): (i64,) = sqlx::query_as("SELECT id FROM audit_chains WHERE name = $1")
+            .bind(chain)
+            .fetch_one(&pool)
+            .await?;
         Ok(AuditStore {
-            db,
-            records,
-            by_clock,
-            serials,
-            revoked,
-            meta,
-            chain: Mutex::new(chain),
-            revoked_set: Arc::new(RwLock::new(set)),
+            pool,
+            dialect,
+            location: location.clone(),
+            chain: Chain {
+                id,
+                name: chain.to_owned(),
+            },
         })
     }
 
-    /// The set of revoked serials, shared with the authenticators.
-    pub fn revoked_set(&self) -> Arc<RwLock<HashSet<String>>> {
-        self.revoked_set.clone()
+    /// Where the store is, for messages.
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
-    /// Writes a batch of records into sled without flushing. Returns one result per
-    /// append, in order; the caller must [`AuditStore::flush`] before acknowledging any
-    /// of them.
-    pub fn write_batch(&self, batch: Vec<Append>) -> Vec<Result<AuditRecord, AuditError>> {
-        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
-        let mut slots: Vec<Option<Result<AuditRecord, AuditError>>> =
-            std::iter::repeat_with(|| None).take(batch.len()).collect();
-        let mut chunk = Chunk::new();
-        let time = now_rfc3339();
-        for (idx, append) in batch.into_iter().enumerate() {
-            if append.decision.outcome.is_none() || append.decision.api.is_none() {
-                slots[idx] = Some(Err(AuditError::Encode(
-                    "decision without outcome or api".into(),
-                )));
-                continue;
-            }
-            let head = chunk.head.as_ref().unwrap_or(&chain);
-            let rec = AuditRecord {
-                seq: head.seq + 1,
-                time: time.clone(),
-                prev_hash: head.hash.clone(),
-                decision: append.decision,
-            };
-            let mark = chunk.value.len();
-            if mark > 0 {
-                chunk.value.push(b'\n');
-            }
-            let hash = match record::encode_into(&rec, &mut chunk.value) {
-                Ok(hash) => hash,
-                Err(e) => {
-                    chunk.value.truncate(mark);
-                    slots[idx] = Some(Err(AuditError::Encode(e.to_string())));
-                    continue;
-                }
-            };
-            chunk.head = Some(ChainPoint { seq: rec.seq, hash });
-            chunk.entries.push((idx, rec, append.revoke));
-            if chunk.value.len() >= VALUE_BYTES {
-                self.commit(
-                    &mut chain,
-                    std::mem::replace(&mut chunk, Chunk::new()),
-                    &mut slots,
-                );
-            }
-        }
-        self.commit(&mut chain, chunk, &mut slots);
-        if let Ok(head) = serde_json::to_vec(&*chain)
-            && let Err(e) = self.meta.insert("head", head)
-        {
-            // The records themselves are written; the head is re-derived on open.
-            tracing::warn!(error = %e, "could not update the audit head");
-        }
-        slots
-            .into_iter()
-            .map(|s| s.unwrap_or_else(|| Err(AuditError::Encode("record was not written".into()))))
-            .collect()
+    /// Which database.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
-    /// Inserts one chunk. The chain only advances when its records are in the tree; if
-    /// an index entry then fails, that record is reported failed (the certificate is
-    /// not handed out) but stays in the log, which may over-report, never under-report.
-    fn commit(
+    /// The name of the chain this store appends to.
+    pub fn chain_name(&self) -> &str {
+        &self.chain.name
+    }
+
+    /// Writes a batch in one transaction and returns once it is durable. Appends that
+    /// cannot be encoded fail alone; when the transaction fails, the whole batch does
+    /// (the outer error) and nothing of it was recorded.
+    pub async fn append(
         &self,
-        chain: &mut ChainPoint,
-        chunk: Chunk,
-        slots: &mut [Option<Result<AuditRecord, AuditError>>],
-    ) {
-        let (Some(head), Some((_, first, _))) = (chunk.head, chunk.entries.first()) else {
-            return;
-        };
-        if let Err(e) = self.records.insert(seq_key(first.seq), chunk.value) {
-            let why = e.to_string();
-            for (idx, _, _) in chunk.entries {
-                slots[idx] = Some(Err(AuditError::Io(why.clone())));
-            }
-            return;
-        }
-        *chain = head;
-        let first_seq = first.seq;
-        let mut failed: Vec<Option<AuditError>> = std::iter::repeat_with(|| None)
-            .take(chunk.entries.len())
+        batch: &[Append],
+    ) -> Result<Vec<Result<AuditRecord, EncodeError>>, AuditError> {
+        let time_us = now_us();
+        // Check every decision before touching the store.
+        let mut results: Vec<Result<AuditRecord, EncodeError>> = batch
+            .iter()
+            .map(|a| {
+                Row::encode(&a.decision, 0, time_us).map(|_| AuditRecord {
+                    chain: String::new(),
+                    seq: 0,
+                    time: String::new(),
+                    hash: String::new(),
+                    decision: Decision::default(),
+                })
+            })
             .collect();
-        // One index entry per clock bucket of this value's serials (usually one).
-        let mut buckets: std::collections::BTreeMap<[u8; 8], (String, Vec<usize>)> =
-            Default::default();
-        for (i, (_, rec, _)) in chunk.entries.iter().enumerate() {
-            let Some(serial) = issued_serial(rec) else {
+        let mut conn = WriteConnection::acquire(&self.pool).await?;
+        let mut tx = self.dialect.begin_write(conn.conn()).await?;
+        let (head_seq, head_hash): (i64, Vec<u8>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT head_seq, head_hash FROM audit_chains WHERE id = $1{}",
+            self.dialect.for_update()
+        )))
+        .bind(self.chain.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (mut seq, mut prev) = (head_seq, hash32(&head_hash));
+        let mut rows = Vec::with_capacity(batch.len());
+        for (append, result) in batch.iter().zip(results.iter_mut()) {
+            if result.is_err() {
                 continue;
-            };
-            match clock_bucket(serial) {
-                Some(bucket) => {
-                    let (lines, members) = buckets.entry(bucket).or_default();
-                    lines.push_str(&format!("{serial} {}\n", rec.seq));
-                    members.push(i);
-                }
-                None => {
-                    if let Err(e) = self.serials.insert(serial.as_bytes(), &seq_key(rec.seq)) {
-                        failed[i] = Some(e.into());
-                    }
-                }
             }
-        }
-        for (bucket, (lines, members)) in buckets {
-            if let Err(e) = self
-                .by_clock
-                .insert(by_clock_key(bucket, first_seq), lines.as_bytes())
-            {
-                for i in members {
-                    failed[i] = Some(AuditError::Io(e.to_string()));
-                }
-            }
-        }
-        for ((idx, rec, revoke), failure) in chunk.entries.into_iter().zip(failed) {
-            slots[idx] = Some(match failure {
-                Some(e) => Err(e),
-                None => self.record_revocation(&rec, revoke).map(|()| rec),
+            seq += 1;
+            let row = Row::encode(&append.decision, seq, time_us)?;
+            let hash = row.hash(&prev, &self.chain.name);
+            prev = hash;
+            *result = Ok(AuditRecord {
+                chain: self.chain.name.clone(),
+                seq: seq as u64,
+                time: record::rfc3339_us(time_us),
+                hash: ca_core::x509::hex(&hash),
+                decision: append.decision.clone(),
             });
+            rows.push((row, hash, append));
         }
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let sql = insert_sql("audit_records", RECORD_COLUMNS, 20, chunk.len());
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (row, hash, _) in chunk {
+                q = bind_row(q, self.chain.id, row, hash);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        self.insert_certificates(&mut tx, &rows).await?;
+        for (row, _, append) in &rows {
+            if let Some(revoke) = &append.revoke {
+                self.insert_revocation(&mut tx, row, revoke, time_us)
+                    .await?;
+            }
+        }
+        sqlx::query("UPDATE audit_chains SET head_seq = $1, head_hash = $2 WHERE id = $3")
+            .bind(seq)
+            .bind(prev.to_vec())
+            .bind(self.chain.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        conn.committed();
+        Ok(results)
     }
 
-    fn record_revocation(
+    /// Indexes the certificates a batch issued. A serial already in the table fails the
+    /// batch: no two certificates this CA hands out share one, across every replica.
+    async fn insert_certificates(
         &self,
-        rec: &AuditRecord,
-        revoke: Option<(String, String)>,
+        tx: &mut Transaction<'_, Any>,
+        rows: &[(Row, [u8; 32], &Append)],
     ) -> Result<(), AuditError> {
-        if let Some((serial, reason)) = revoke {
-            let r = Revocation {
-                serial: serial.clone(),
-                reason,
-                seq: rec.seq,
-            };
-            let v = serde_json::to_vec(&r).map_err(|e| AuditError::Encode(e.to_string()))?;
-            self.revoked.insert(serial.as_bytes(), v)?;
+        let issued: Vec<(&str, i64, Option<&str>, i64)> = rows
+            .iter()
+            .filter(|(r, _, _)| r.outcome == Outcome::Issued.code())
+            .filter_map(|(r, _, _)| {
+                Some((
+                    r.serial.as_deref()?,
+                    r.not_after?,
+                    r.client_serial.as_deref(),
+                    r.seq,
+                ))
+            })
+            .collect();
+        for chunk in issued.chunks(INSERT_ROWS) {
+            let sql = insert_sql(
+                "certificates",
+                "serial, not_after, parent, chain_id, seq",
+                5,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (serial, not_after, parent, seq) in chunk {
+                q = q
+                    .bind(serial.to_string())
+                    .bind(*not_after)
+                    .bind(parent.map(str::to_owned))
+                    .bind(self.chain.id)
+                    .bind(*seq);
+            }
+            q.execute(&mut **tx).await?;
         }
         Ok(())
     }
 
-    /// Makes everything written so far durable.
-    pub async fn flush(&self) -> Result<usize, AuditError> {
-        Ok(self.db.flush_async().await?)
-    }
-
-    /// Blocking flush, for offline admin commands.
-    pub fn flush_blocking(&self) -> Result<usize, AuditError> {
-        Ok(self.db.flush()?)
-    }
-
-    /// After a successful flush: make revocations in `records` effective in memory.
-    pub fn publish_revocations<'a>(&self, records: impl IntoIterator<Item = &'a AuditRecord>) {
-        let mut set = self.revoked_set.write().unwrap_or_else(|p| p.into_inner());
-        for r in records {
-            if r.decision.outcome == Some(Outcome::Revoked)
-                && let Some(serial) = &r.decision.serial
-            {
-                set.insert(serial.clone());
-            }
+    /// Records a revocation and revokes everything renewed from the certificate, in the
+    /// batch's transaction; PostgreSQL replicas are told at commit.
+    async fn insert_revocation(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        row: &Row,
+        revoke: &Revoke,
+        time_us: i64,
+    ) -> Result<(), AuditError> {
+        let reason = row.detail.clone().unwrap_or_else(|| "revoked".into());
+        sqlx::query(
+            "INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
+             VALUES ($1, $2, $3, NULL, $4, $5, $6) ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(revoke.serial.clone())
+        .bind(revoke.not_after)
+        .bind(reason)
+        .bind(self.chain.id)
+        .bind(row.seq)
+        .bind(time_us)
+        .execute(&mut **tx)
+        .await?;
+        let followed = sqlx::query(REVOKE_DESCENDANTS)
+            .bind(revoke.serial.clone())
+            .bind(self.chain.id)
+            .bind(row.seq)
+            .bind(FOLLOWED)
+            .bind(time_us)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if followed > 0 {
+            tracing::info!(serial = %revoke.serial, followed, "revoked the certificates renewed from it too");
         }
-    }
-
-    /// The record with sequence number `seq`, if the log still holds it. A value holds
-    /// consecutive records from its key on, so only that one record is parsed.
-    fn record_at(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
-        let Some(item) = self.records.range(..=seq_key(seq)).next_back() else {
-            return Ok(None);
-        };
-        let (k, v) = item?;
-        let position = seq_of(&k).and_then(|first| usize::try_from(seq - first).ok());
-        let Some(frame) = position.and_then(|i| record::frames(&v).into_iter().nth(i)) else {
-            return Ok(None);
-        };
-        let rec = frame.and_then(|f| f.record()).map_err(AuditError::Io)?;
-        Ok((rec.seq == seq).then_some(rec))
-    }
-
-    /// Where the record that issued `serial` is: in its clock bucket, or for serials
-    /// indexed one by one (older stores), in `serials`.
-    fn seq_of_serial(&self, serial: &str) -> Result<Option<u64>, AuditError> {
-        if let Some(bucket) = clock_bucket(serial) {
-            for item in self.by_clock.scan_prefix(bucket) {
-                let (_, lines) = item?;
-                let found = String::from_utf8_lossy(&lines).lines().find_map(|line| {
-                    let (s, seq) = line.split_once(' ')?;
-                    (s == serial).then(|| seq.parse::<u64>().ok()).flatten()
-                });
-                if found.is_some() {
-                    return Ok(found);
-                }
-            }
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::revocations::NOTIFY_CHANNEL)
+                .bind(revoke.serial.clone())
+                .execute(&mut **tx)
+                .await?;
         }
-        Ok(self
-            .serials
-            .get(serial.as_bytes())?
-            .and_then(|v| seq_of(&v)))
+        Ok(())
     }
 
-    /// Whether `serial` was issued by this CA (according to the log).
-    pub fn issued_record(&self, serial: &str) -> Result<Option<AuditRecord>, AuditError> {
-        let Some(seq) = self.seq_of_serial(serial)? else {
-            return Ok(None);
-        };
-        // The index is written after the records; check that it points at this serial.
-        Ok(self
-            .record_at(seq)?
-            .filter(|rec| issued_serial(rec) == Some(serial)))
+    /// Revokes certificates renewed from a revoked one that a revocation's own pass
+    /// did not see: one issued by another replica while the revocation committed.
+    /// Looks at revocations since `since_us`; returns how many it added.
+    pub async fn revoke_followers(&self, since_us: i64) -> Result<u64, AuditError> {
+        let result = sqlx::query(
+            "WITH RECURSIVE descendants(serial, not_after, parent, chain_id, seq) AS (
+                SELECT c.serial, c.not_after, c.parent, r.chain_id, r.seq
+                  FROM certificates c JOIN revocations r ON c.parent = r.serial
+                 WHERE r.time_us >= $1
+                UNION
+                SELECT c.serial, c.not_after, c.parent, d.chain_id, d.seq
+                  FROM certificates c JOIN descendants d ON c.parent = d.serial
+            )
+            INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
+            SELECT serial, not_after, $2, parent, chain_id, seq, $3 FROM descendants WHERE true
+            ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(since_us)
+        .bind(FOLLOWED)
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Revoked serials whose revocation was recorded at or after `since_us` (all of them
+    /// for 0), skipping certificates that have expired.
+    pub async fn revoked_since(&self, since_us: i64) -> Result<Vec<String>, AuditError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT serial FROM revocations WHERE time_us >= $1 AND not_after >= $2",
+        )
+        .bind(since_us)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(s,)| s).collect())
+    }
+
+    /// Writes the probe row: whether the store accepts a commit right now.
+    pub async fn probe(&self) -> Result<(), AuditError> {
+        sqlx::query("UPDATE store_probe SET time_us = $1 WHERE id = 1")
+            .bind(now_us())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The certificate with `serial`, while it is valid (or expired less than the
+    /// retention grace ago).
+    pub async fn certificate(&self, serial: &str) -> Result<Option<IssuedCertificate>, AuditError> {
+        let row: Option<(String, i64, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT c.serial, c.not_after, c.parent, ch.name, c.seq
+               FROM certificates c JOIN audit_chains ch ON ch.id = c.chain_id
+              WHERE c.serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(serial, not_after, parent, chain, seq)| IssuedCertificate {
+                serial,
+                not_after,
+                parent,
+                chain,
+                seq: seq as u64,
+            },
+        ))
     }
 
     /// The revocation of `serial`, if any.
-    pub fn revocation(&self, serial: &str) -> Result<Option<Revocation>, AuditError> {
-        match self.revoked.get(serial.as_bytes())? {
-            Some(v) => Ok(Some(
-                serde_json::from_slice(&v).map_err(|e| AuditError::Io(e.to_string()))?,
-            )),
+    pub async fn revocation(&self, serial: &str) -> Result<Option<Revocation>, AuditError> {
+        let row: Option<(String, String, Option<String>)> =
+            sqlx::query_as("SELECT serial, reason, cause FROM revocations WHERE serial = $1")
+                .bind(serial)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(serial, reason, cause)| Revocation {
+            serial,
+            reason,
+            cause,
+        }))
+    }
+
+    async fn record_at(&self, chain: &str, seq: i64) -> Result<Option<AuditRecord>, AuditError> {
+        let sql = format!("{SELECT_RECORD} WHERE c.name = $1 AND r.seq = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(chain)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode_record).transpose()
+    }
+
+    /// The audit record of the issuance of `serial`, while the certificate is known and
+    /// retention has kept the record.
+    pub async fn issued_record(&self, serial: &str) -> Result<Option<AuditRecord>, AuditError> {
+        match self.certificate(serial).await? {
+            Some(c) => self.record_at(&c.chain, c.seq as i64).await,
             None => Ok(None),
         }
     }
 
-    /// Every record about `serial`: its issuance and its revocation.
-    pub fn show(&self, serial: &str) -> Result<Vec<AuditRecord>, AuditError> {
+    /// Every record about `serial`: its issuance and the revocation that took it out
+    /// (an admin's, or the one of the certificate it was renewed from).
+    pub async fn show(&self, serial: &str) -> Result<Vec<AuditRecord>, AuditError> {
         let mut out = Vec::new();
-        if let Some(r) = self.issued_record(serial)? {
-            out.push(r);
+        if let Some(c) = self.certificate(serial).await? {
+            out.extend(self.record_at(&c.chain, c.seq as i64).await?);
+        } else {
+            // Expired and pruned from `certificates`: the records may still be there.
+            let sql = format!("{SELECT_RECORD} WHERE r.serial = $1 AND r.outcome = $2");
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(serial)
+                .bind(Outcome::Issued.code())
+                .fetch_optional(&self.pool)
+                .await?;
+            out.extend(row.as_ref().map(decode_record).transpose()?);
         }
-        if let Some(rev) = self.revocation(serial)?
-            && let Some(rec) = self.record_at(rev.seq)?
-        {
-            out.push(rec);
+        let revoked: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT ch.name, r.seq FROM revocations r LEFT JOIN audit_chains ch ON ch.id = r.chain_id
+              WHERE r.serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((Some(chain), Some(seq))) = revoked {
+            out.extend(self.record_at(&chain, seq).await?);
         }
         Ok(out)
     }
 
-    /// Records matching `filter`, oldest first.
-    pub fn list(&self, filter: &ListFilter) -> Result<Vec<AuditRecord>, AuditError> {
+    /// Records matching `filter`, oldest first, from every chain.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<AuditRecord>, AuditError> {
+        let mut sql = format!("{SELECT_RECORD} WHERE 1 = 1");
+        let mut n = 0;
+        let mut param = |sql: &mut String, clause: &str| {
+            n += 1;
+            sql.push_str(&clause.replace("$?", &format!("${n}")));
+        };
         let since = match &filter.since {
             Some(s) => Some(
-                OffsetDateTime::parse(s, &Rfc3339)
-                    .map_err(|e| AuditError::Encode(format!("--since {s:?}: {e}")))?,
+                OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| AuditError::Corrupt(format!("--since {s:?}: {e}")))?,
             ),
             None => None,
         };
-        let mut out = Vec::new();
-        'values: for item in self.records.iter().rev() {
-            let (_, v) = item?;
-            for frame in record::frames(&v).into_iter().rev() {
-                let Ok(rec) = frame.and_then(|f| f.record()) else {
-                    continue;
-                };
-                if let Some(since) = since {
-                    match OffsetDateTime::parse(&rec.time, &Rfc3339) {
-                        // Records are in time order: nothing older can match.
-                        Ok(t) if t < since => break 'values,
-                        _ => {}
-                    }
-                }
-                if filter
-                    .outcome
-                    .is_some_and(|o| rec.decision.outcome != Some(o))
-                {
-                    continue;
-                }
-                if let Some(id) = &filter.identity
-                    && rec.decision.caller.as_deref() != Some(id)
-                    && rec.decision.spiffe_id.as_deref() != Some(id)
-                {
-                    continue;
-                }
-                out.push(rec);
-                if filter.limit > 0 && out.len() >= filter.limit {
-                    break 'values;
-                }
-            }
+        if since.is_some() {
+            param(&mut sql, " AND r.time_us >= $?");
         }
+        if filter.outcome.is_some() {
+            param(&mut sql, " AND r.outcome = $?");
+        }
+        if filter.identity.is_some() {
+            param(&mut sql, " AND (r.spiffe_id = $? OR r.caller = $?)");
+        }
+        sql.push_str(" ORDER BY r.id DESC");
+        if filter.limit > 0 {
+            param(&mut sql, " LIMIT $?");
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(t) = since {
+            q = q.bind((t.unix_timestamp_nanos() / 1000) as i64);
+        }
+        if let Some(o) = filter.outcome {
+            q = q.bind(o.code());
+        }
+        if let Some(id) = &filter.identity {
+            q = q.bind(id.clone());
+        }
+        if filter.limit > 0 {
+            q = q.bind(filter.limit as i64);
+        }
+        let mut out = q
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode_record)
+            .collect::<Result<Vec<_>, _>>()?;
         out.reverse();
         Ok(out)
     }
 
-    /// Walks the chain and reports modified, deleted or reordered records.
-    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
-        let anchor: ChainPoint = match self.meta.get("anchor")? {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| AuditError::Io(e.to_string()))?,
-            None => ChainPoint {
-                seq: 1,
-                hash: GENESIS_HASH.into(),
-            },
-        };
-        let mut report = VerifyReport {
-            first_seq: anchor.seq,
-            ..Default::default()
-        };
-        let mut expected = anchor.seq;
-        let mut prev = anchor.hash.clone();
-        let mut last_seen = anchor.seq.saturating_sub(1);
-        // Values are keyed by their first record; the anchor may sit inside a value
-        // whose older records were written before retention moved it.
-        let start = match self.records.range(..=seq_key(anchor.seq)).next_back() {
-            Some(item) => item?.0.to_vec(),
-            None => seq_key(anchor.seq).to_vec(),
-        };
-        for item in self.records.range(start..) {
-            let (k, v) = item?;
-            let Some(key) = seq_of(&k) else {
-                report.problems.push("a record has a malformed key".into());
-                continue;
+    /// Walks every chain and reports modified, deleted, renumbered or truncated
+    /// records, and records of no known chain.
+    pub async fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let chains: Vec<ChainRow> = sqlx::query_as(
+            "SELECT id, name, head_seq, head_hash, anchor_seq, anchor_hash FROM audit_chains ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut report = VerifyReport::default();
+        for (id, name, head_seq, head_hash, anchor_seq, anchor_hash) in chains {
+            let head = ChainState {
+                head_seq,
+                head_hash: hash32(&head_hash),
+                anchor_seq,
+                anchor_hash: hash32(&anchor_hash),
             };
-            for (i, frame) in record::frames(&v).into_iter().enumerate() {
-                let position = key + i as u64;
-                let (frame, rec) = match frame.and_then(|f| Ok((f, f.record()?))) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        report.problems.push(format!("record {position}: {e}"));
-                        report.checked += 1;
-                        expected = position + 1;
-                        last_seen = position;
-                        continue;
-                    }
-                };
-                let intact = frame.intact();
-                // A record's own sequence number is covered by its hash; trust it
-                // unless the body was edited.
-                let seq = if intact { rec.seq } else { position };
-                if seq < anchor.seq {
-                    continue;
-                }
-                if seq != expected {
-                    report.problems.push(if seq == expected + 1 {
-                        format!("record {expected} is missing (deleted)")
-                    } else if seq > expected {
-                        format!("records {expected} to {} are missing (deleted)", seq - 1)
-                    } else {
-                        format!("record {seq} appears again after record {}", expected - 1)
-                    });
-                }
-                if !intact {
-                    report.problems.push(format!(
-                        "record {seq} was modified (its hash does not match its content)"
-                    ));
-                } else if i == 0 && rec.seq != key {
-                    report.problems.push(format!(
-                        "record stored at {key} claims to be record {}",
-                        rec.seq
-                    ));
-                } else if rec.prev_hash != prev && seq == expected {
-                    report.problems.push(format!(
-                        "record {seq} does not follow record {} (the chain is broken: an earlier record was rewritten)",
-                        seq.saturating_sub(1)
-                    ));
-                }
-                prev = frame.stated_hash();
-                report.checked += 1;
-                expected = seq + 1;
-                last_seen = seq;
-            }
+            self.verify_chain(id, &name, &head, &mut report).await?;
         }
-        report.head_seq = last_seen;
-        report.head_hash = prev.clone();
-        if let Some(v) = self.meta.get("head")? {
-            let head: ChainPoint =
-                serde_json::from_slice(&v).map_err(|e| AuditError::Io(e.to_string()))?;
-            if head.seq > last_seen {
-                report.problems.push(format!(
-                    "records {} to {} are missing (the tail of the log was deleted)",
-                    last_seen + 1,
-                    head.seq
-                ));
-            } else if head.seq == last_seen && head.hash != prev {
-                report.problems.push(format!(
-                    "the head record {last_seen} differs from the recorded head"
-                ));
-            }
+        let (orphans,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM audit_records WHERE chain_id NOT IN (SELECT id FROM audit_chains)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if orphans > 0 {
+            report.problems.push(format!(
+                "{orphans} records belong to no known chain (a chain's head was deleted)"
+            ));
         }
         Ok(report)
     }
 
-    /// Deletes records older than `cutoff`, keeping the newest group commit so the
-    /// chain continues, and moves the verification anchor first (crash-safe order).
-    /// A value goes only when all its records are older than the cutoff, so a few
-    /// records written in the same group commit as a newer one stay a little longer.
-    pub fn prune_before(&self, cutoff: OffsetDateTime) -> Result<u64, AuditError> {
-        // Each doomed value: its key, how many records it holds, their issued serials.
-        let mut doomed: Vec<(sled::IVec, u64, Vec<String>)> = Vec::new();
-        let mut new_anchor: Option<ChainPoint> = None;
-        let last = self.records.last()?.map(|(k, _)| k);
-        for item in self.records.iter() {
-            let (k, v) = item?;
-            let Ok(recs) = record::records(&v) else {
-                break;
-            };
-            let (Some((_, first)), Some((_, newest))) = (recs.first(), recs.last()) else {
-                break;
-            };
-            let old = OffsetDateTime::parse(&newest.time, &Rfc3339)
-                .map(|t| t < cutoff)
-                .unwrap_or(false);
-            if !old || Some(&k) == last.as_ref() {
-                new_anchor = Some(ChainPoint {
-                    seq: first.seq,
-                    hash: first.prev_hash.clone(),
+    async fn verify_chain(
+        &self,
+        id: i64,
+        name: &str,
+        head: &ChainState,
+        report: &mut VerifyReport,
+    ) -> Result<(), AuditError> {
+        let sql = format!("{SELECT_RECORD} WHERE r.chain_id = $1 AND r.seq >= $2 ORDER BY r.seq");
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(head.anchor_seq)
+            .fetch(&self.pool);
+        let (mut expected, mut prev) = (head.anchor_seq, head.anchor_hash);
+        let mut problem = |p: String| report.problems.push(format!("chain {name}: {p}"));
+        let mut checked = 0u64;
+        while let Some(row) = rows.try_next().await? {
+            let (_, r, stored) = read_row(&row)?;
+            let seq = r.seq;
+            if seq != expected {
+                problem(if seq == expected + 1 {
+                    format!("record {expected} is missing (deleted)")
+                } else {
+                    format!("records {expected} to {} are missing (deleted)", seq - 1)
                 });
-                break;
             }
-            let serials = recs
-                .iter()
-                .filter_map(|(_, rec)| issued_serial(rec).map(str::to_owned))
-                .collect();
-            doomed.push((k, recs.len() as u64, serials));
+            if r.hash(&prev, name).as_slice() != stored.as_slice() {
+                problem(format!(
+                    "record {seq} was modified, or a record before it was rewritten (its hash does not match)"
+                ));
+            }
+            prev = hash32(&stored);
+            expected = seq + 1;
+            checked += 1;
         }
-        let (Some(anchor), false) = (new_anchor, doomed.is_empty()) else {
+        drop(rows);
+        let last = expected - 1;
+        if head.head_seq > last {
+            report.problems.push(format!(
+                "chain {name}: records {} to {} are missing (the tail of the log was deleted)",
+                last + 1,
+                head.head_seq
+            ));
+        } else if head.head_seq < last {
+            report.problems.push(format!(
+                "chain {name}: records after the recorded head {} were added outside the CA",
+                head.head_seq
+            ));
+        } else if head.head_seq >= head.anchor_seq && head.head_hash != prev {
+            report.problems.push(format!(
+                "chain {name}: the head record {last} differs from the recorded head"
+            ));
+        }
+        report.checked += checked;
+        report.chains.push(ChainHead {
+            chain: name.to_owned(),
+            first_seq: head.anchor_seq as u64,
+            head_seq: head.head_seq as u64,
+            head_hash: ca_core::x509::hex(&head.head_hash),
+        });
+        Ok(())
+    }
+
+    /// Deletes audit records older than `cutoff`, a bounded transaction at a time per
+    /// chain, moving each chain's anchor in the same transaction (so verification keeps
+    /// working across a crash). Certificates and revocations are kept until their
+    /// certificate has expired, whatever the cutoff. Returns how many records went.
+    pub async fn prune_before(&self, cutoff: OffsetDateTime) -> Result<u64, AuditError> {
+        let cutoff_us = (cutoff.unix_timestamp_nanos() / 1000) as i64;
+        let chains: Vec<(i64,)> = sqlx::query_as("SELECT id FROM audit_chains")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut pruned = 0;
+        for (chain_id,) in chains {
+            while let n @ 1.. = self.prune_chain_step(chain_id, cutoff_us).await? {
+                pruned += n;
+            }
+        }
+        // An hour's grace for clocks that disagree about expiry.
+        let expired = OffsetDateTime::now_utc().unix_timestamp() - 3600;
+        for table in ["certificates", "revocations"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE not_after < $1"
+            )))
+            .bind(expired)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(pruned)
+    }
+
+    /// One transaction of [`AuditStore::prune_before`]: up to [`PRUNE_STEP`] records.
+    async fn prune_chain_step(&self, chain_id: i64, cutoff_us: i64) -> Result<u64, AuditError> {
+        let mut conn = WriteConnection::acquire(&self.pool).await?;
+        let mut tx = self.dialect.begin_write(conn.conn()).await?;
+        let (anchor_seq,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT anchor_seq FROM audit_chains WHERE id = $1{}",
+            self.dialect.for_update()
+        )))
+        .bind(chain_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let oldest: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, time_us, hash FROM audit_records
+              WHERE chain_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(chain_id)
+        .bind(anchor_seq)
+        .bind(PRUNE_STEP)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some((last_seq, _, last_hash)) =
+            oldest.iter().take_while(|(_, t, _)| *t < cutoff_us).last()
+        else {
+            tx.rollback().await?;
+            conn.committed();
             return Ok(0);
         };
-        let v = serde_json::to_vec(&anchor).map_err(|e| AuditError::Encode(e.to_string()))?;
-        self.meta.insert("anchor", v)?;
-        self.db.flush()?;
-        let mut pruned = 0;
-        for (key, records, serials) in &doomed {
-            self.records.remove(key)?;
-            let first_seq = seq_of(key).unwrap_or_default();
-            let buckets: std::collections::BTreeSet<_> =
-                serials.iter().filter_map(|s| clock_bucket(s)).collect();
-            for bucket in buckets {
-                self.by_clock.remove(by_clock_key(bucket, first_seq))?;
-            }
-            // Older stores indexed serials one by one, and their shape does not tell.
-            for s in serials {
-                self.serials.remove(s.as_bytes())?;
-            }
-            pruned += records;
-        }
-        self.db.flush()?;
-        Ok(pruned)
+        let deleted = sqlx::query(
+            "DELETE FROM audit_records WHERE chain_id = $1 AND seq >= $2 AND seq <= $3",
+        )
+        .bind(chain_id)
+        .bind(anchor_seq)
+        .bind(*last_seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE audit_chains SET anchor_seq = $1, anchor_hash = $2 WHERE id = $3")
+            .bind(last_seq + 1)
+            .bind(last_hash.clone())
+            .bind(chain_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        conn.committed();
+        Ok(deleted)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::audit::Api;
+/// Records per pruning transaction.
+const PRUNE_STEP: i64 = 5000;
 
-    /// Opens a store this process has just dropped. sled releases its file lock when
-    /// its last background I/O job ends, which can be a moment after the drop.
-    fn reopen(dir: &Path) -> AuditStore {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match AuditStore::open(dir) {
-                Err(AuditError::Locked(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => return other.unwrap(),
-            }
-        }
-    }
+/// `audit_chains` as selected: id, name, head (seq, hash), anchor (seq, hash).
+type ChainRow = (i64, String, i64, Vec<u8>, i64, Vec<u8>);
 
-    fn decision(i: u64) -> Append {
-        Append {
-            decision: Decision {
-                api: Some(Api::Modern),
-                outcome: Some(Outcome::Issued),
-                serial: Some(format!("{i:x}")),
-                spiffe_id: Some(format!("spiffe://cluster.local/ns/n/sa/s{i}")),
-                ..Default::default()
-            },
-            revoke: None,
-        }
-    }
-
-    /// One group commit of `appends`, flushed; every record must be written.
-    fn write_appends(store: &AuditStore, appends: Vec<Append>) -> Vec<AuditRecord> {
-        let written = store
-            .write_batch(appends)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        store.flush_blocking().unwrap();
-        written
-    }
-
-    fn write(store: &AuditStore, range: std::ops::RangeInclusive<u64>) -> Vec<AuditRecord> {
-        write_appends(store, range.map(decision).collect())
-    }
-
-    #[test]
-    fn retention_prunes_without_breaking_verification() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(dir.path()).unwrap();
-        // Five group commits of one record each.
-        for i in 1..=5 {
-            write(&store, i..=i);
-        }
-        assert_eq!(
-            store
-                .prune_before(OffsetDateTime::now_utc() - time::Duration::days(1))
-                .unwrap(),
-            0
-        );
-        // Everything is older than a cutoff in the future; the newest record stays.
-        assert_eq!(
-            store
-                .prune_before(OffsetDateTime::now_utc() + time::Duration::days(1))
-                .unwrap(),
-            4
-        );
-        let report = store.verify().unwrap();
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!(
-            (report.first_seq, report.head_seq, report.checked),
-            (5, 5, 1)
-        );
-        assert!(
-            store.issued_record("1").unwrap().is_none(),
-            "pruned serial index entries go too"
-        );
-        assert!(store.issued_record("5").unwrap().is_some());
-        write(&store, 6..=7);
-        drop(store);
-        let store = reopen(dir.path());
-        let report = store.verify().unwrap();
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!((report.first_seq, report.head_seq), (5, 7));
-        // Deleting the first retained record is still noticed.
-        store.records.remove(seq_key(5)).unwrap();
-        let report = store.verify().unwrap();
-        assert!(
-            report
-                .problems
-                .iter()
-                .any(|p| p.contains("record 5 is missing")),
-            "{:?}",
-            report.problems
-        );
-    }
-
-    #[test]
-    fn revocations_load_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = AuditStore::open(dir.path()).unwrap();
-            let mut d = decision(9);
-            d.decision.outcome = Some(Outcome::Revoked);
-            d.revoke = Some(("9".into(), "test".into()));
-            let written = write_appends(&store, vec![d]);
-            store.publish_revocations(&written);
-            assert!(store.revoked_set().read().unwrap().contains("9"));
-        }
-        let store = reopen(dir.path());
-        assert!(store.revoked_set().read().unwrap().contains("9"));
-        assert_eq!(store.revocation("9").unwrap().unwrap().reason, "test");
-    }
-
-    fn problems(store: &AuditStore) -> Vec<String> {
-        store.verify().unwrap().problems
-    }
-
-    #[test]
-    fn a_group_commit_shares_values_and_every_record_stays_reachable() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(dir.path()).unwrap();
-        let written = write(&store, 1..=3);
-        assert_eq!(written.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(store.records.len(), 1, "one value for a small batch");
-        // A large batch is split into values of bounded size.
-        write(&store, 4..=200);
-        let values = store.records.len();
-        assert!(values > 2, "{values} values");
-        for (_, v) in store.records.iter().map(Result::unwrap) {
-            // Closed at VALUE_BYTES, plus the record that crossed it.
-            assert!(v.len() < VALUE_BYTES + 2048, "{} bytes", v.len());
-        }
-        assert!(problems(&store).is_empty(), "{:?}", problems(&store));
-        for i in [1, 2, 3, 4, 100, 200] {
-            let rec = store.issued_record(&format!("{i:x}")).unwrap().unwrap();
-            assert_eq!(rec.seq, i);
-        }
-        assert!(store.issued_record("fff").unwrap().is_none());
-        let listed = store.list(&ListFilter::default()).unwrap();
-        assert_eq!(listed.len(), 200);
-        assert!(listed.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
-        let newest = store
-            .list(&ListFilter {
-                limit: 2,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(newest.iter().map(|r| r.seq).collect::<Vec<_>>(), [199, 200]);
-        // The chain continues across a restart.
-        drop(store);
-        let store = reopen(dir.path());
-        assert_eq!(write(&store, 201..=201)[0].seq, 201);
-        let report = store.verify().unwrap();
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!((report.checked, report.head_seq), (201, 201));
-    }
-
-    /// Rewrites the value holding records 1..=3 with `f` applied to its lines.
-    fn tamper_first_value(store: &AuditStore, f: impl FnOnce(&mut Vec<String>)) -> sled::IVec {
-        let original = store.records.get(seq_key(1)).unwrap().unwrap();
-        let mut lines: Vec<String> = String::from_utf8(original.to_vec())
-            .unwrap()
-            .split('\n')
-            .map(str::to_owned)
-            .collect();
-        f(&mut lines);
-        store
-            .records
-            .insert(seq_key(1), lines.join("\n").as_bytes())
-            .unwrap();
-        original
-    }
-
-    #[test]
-    fn verify_finds_edits_and_deletions_inside_a_group_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(dir.path()).unwrap();
-        write(&store, 1..=3);
-        write(&store, 4..=4);
-        assert!(problems(&store).is_empty());
-        type Tamper = fn(&mut Vec<String>);
-        // Lines are hash, body, hash, body, ...
-        let cases: [(Tamper, &str); 4] = [
-            // Edit record 2's body.
-            (
-                |l| l[3] = l[3].replace("/sa/s2", "/sa/xx"),
-                "record 2 was modified",
-            ),
-            // Edit it and restate its hash: record 3 no longer follows it.
-            (
-                |l| {
-                    l[3] = l[3].replace("/sa/s2", "/sa/xx");
-                    l[2] = ca_core::x509::sha256_hex(l[3].as_bytes());
-                },
-                "record 3 does not follow record 2",
-            ),
-            // Drop record 2 from the middle of the value.
-            (
-                |l| {
-                    l.drain(2..4);
-                },
-                "record 2 is missing",
-            ),
-            // Drop record 3, the last of its value.
-            (|l| l.truncate(4), "record 3 is missing"),
-        ];
-        for (tamper, expected) in cases {
-            let original = tamper_first_value(&store, tamper);
-            let found = problems(&store);
-            assert!(
-                found.iter().any(|p| p.contains(expected)),
-                "{expected:?} not in {found:?}"
-            );
-            store.records.insert(seq_key(1), original).unwrap();
-            assert!(problems(&store).is_empty());
-        }
-    }
-
-    #[test]
-    fn retention_prunes_whole_group_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(dir.path()).unwrap();
-        write(&store, 1..=3);
-        write(&store, 4..=5);
-        write(&store, 6..=6);
-        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
-        assert_eq!(store.prune_before(future).unwrap(), 5);
-        let report = store.verify().unwrap();
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!((report.first_seq, report.checked), (6, 1));
-        assert!(store.issued_record("3").unwrap().is_none());
-        assert!(store.issued_record("6").unwrap().is_some());
-    }
-
-    fn clock_serial() -> String {
-        ca_core::x509::hex(
-            &ca_core::authority::fresh_serial(&ring::rand::SystemRandom::new()).unwrap(),
-        )
-    }
-
-    #[test]
-    fn serials_are_indexed_per_value_by_their_clock() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(dir.path()).unwrap();
-        let serials: Vec<String> = (0..40).map(|_| clock_serial()).collect();
-        let batch = |range: std::ops::Range<usize>| {
-            range
-                .map(|i| {
-                    let mut d = decision(i as u64);
-                    d.decision.serial = Some(serials[i].clone());
-                    d
-                })
-                .collect::<Vec<_>>()
-        };
-        write_appends(&store, batch(0..30));
-        // A denial carries no serial and is not indexed.
-        let mut denied = decision(99);
-        denied.decision.outcome = Some(Outcome::Denied);
-        denied.decision.serial = None;
-        let mut rest = batch(30..40);
-        rest.push(denied);
-        write_appends(&store, rest);
-        let values = store.records.len();
-        assert!(
-            store.by_clock.len() <= 2 * values,
-            "{} index entries for {values} values",
-            store.by_clock.len()
-        );
-        assert_eq!(store.serials.len(), 0, "no per-certificate entries");
-        for (i, serial) in serials.iter().enumerate() {
-            let rec = store.issued_record(serial).unwrap().unwrap();
-            assert_eq!(rec.seq, i as u64 + 1);
-        }
-        // Same bucket, different serial: not found.
-        let mut other = serials[0].clone().into_bytes();
-        other[31] = if other[31] == b'0' { b'1' } else { b'0' };
-        assert!(
-            store
-                .issued_record(std::str::from_utf8(&other).unwrap())
-                .unwrap()
-                .is_none()
-        );
-        // Pruning removes the index entries of what it prunes.
-        write(&store, 1000..=1000);
-        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
-        assert_eq!(store.prune_before(future).unwrap(), 41);
-        assert_eq!(store.by_clock.len(), 0);
-        assert!(store.issued_record(&serials[5]).unwrap().is_none());
-        assert!(problems(&store).is_empty(), "{:?}", problems(&store));
-    }
+/// A chain's row in `audit_chains`.
+struct ChainState {
+    head_seq: i64,
+    head_hash: [u8; 32],
+    anchor_seq: i64,
+    anchor_hash: [u8; 32],
 }

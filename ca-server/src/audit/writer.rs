@@ -1,17 +1,27 @@
 //! Group commit: requests queue their records; one task writes everything queued, then
-//! flushes once and answers them all. Durability costs one fsync per batch, not per
-//! request, and concurrent requests never wait on each other's fsyncs one by one.
+//! commits it in one transaction and answers them all. Durability costs one commit
+//! (one fsync) per batch, not per request, and concurrent requests never wait on each other's fsyncs one by one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{Append, AuditError, AuditStore};
-use super::{AuditRecord, Decision};
+use super::revocations::RevocationView;
+use super::store::{Append, AuditError, AuditStore, Revoke};
+use super::{AuditRecord, Decision, Outcome};
 
 const MAX_BATCH: usize = 1024;
+
+/// Longest a batch may take to commit before its requests are refused. A database that
+/// hangs (a full disk, a PostgreSQL that stopped answering) must not hold requests
+/// past their deadlines, nor keep the server from stopping.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// While the store is failing and nothing is queued, how often to try a probe write,
+/// so that readiness comes back when the cause goes away even with no traffic.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
 
@@ -41,27 +51,38 @@ impl AuditHealth {
 pub struct AuditWriter {
     tx: mpsc::Sender<(Append, Reply)>,
     store: Arc<AuditStore>,
-    flushes: Arc<AtomicU64>,
+    revocations: Arc<RevocationView>,
+    commits: Arc<AtomicU64>,
     health: AuditHealth,
 }
 
 impl AuditWriter {
-    /// Starts the writer task for `store`. It stops when every handle is dropped,
-    /// after answering what was queued.
-    pub fn start(store: Arc<AuditStore>) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the writer task for `store`; the revocations it commits go into
+    /// `revocations` at once. It stops when every handle is dropped, after answering
+    /// what was queued.
+    pub fn start(
+        store: Arc<AuditStore>,
+        revocations: Arc<RevocationView>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let flushes = Arc::new(AtomicU64::new(0));
-        let health = AuditHealth::default();
-        let task = tokio::spawn(run(store.clone(), rx, flushes.clone(), health.clone()));
-        (
-            AuditWriter {
-                tx,
-                store,
-                flushes,
-                health,
-            },
-            task,
-        )
+        let writer = AuditWriter {
+            tx,
+            store,
+            revocations,
+            commits: Arc::new(AtomicU64::new(0)),
+            health: AuditHealth::default(),
+        };
+        let task = tokio::spawn(run(writer.clone_state(), rx));
+        (writer, task)
+    }
+
+    fn clone_state(&self) -> WriterState {
+        WriterState {
+            store: self.store.clone(),
+            revocations: self.revocations.clone(),
+            commits: self.commits.clone(),
+            health: self.health.clone(),
+        }
     }
 
     /// Whether decisions are being recorded.
@@ -74,9 +95,14 @@ impl AuditWriter {
         &self.store
     }
 
-    /// How many flushes (fsyncs) the writer has made.
-    pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+    /// The revoked serials as this replica sees them.
+    pub fn revocations(&self) -> &Arc<RevocationView> {
+        &self.revocations
+    }
+
+    /// How many transactions (durable commits) the writer has made.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Records `decision` and returns once it is durable.
@@ -88,16 +114,15 @@ impl AuditWriter {
         .await
     }
 
-    /// Records a revocation and returns once it is durable and in effect.
+    /// Records a revocation and returns once it is durable and in effect here.
     pub async fn revoke(
         &self,
         decision: Decision,
-        serial: String,
-        reason: String,
+        revoke: Revoke,
     ) -> Result<AuditRecord, AuditError> {
         self.submit(Append {
             decision,
-            revoke: Some((serial, reason)),
+            revoke: Some(revoke),
         })
         .await
     }
@@ -112,19 +137,88 @@ impl AuditWriter {
     }
 }
 
-async fn run(
+/// What the writer task owns.
+struct WriterState {
     store: Arc<AuditStore>,
-    mut rx: mpsc::Receiver<(Append, Reply)>,
-    flushes: Arc<AtomicU64>,
+    revocations: Arc<RevocationView>,
+    commits: Arc<AtomicU64>,
     health: AuditHealth,
-) {
+}
+
+impl WriterState {
+    /// Commits one batch and answers its requests.
+    async fn commit(&self, appends: Vec<Append>, replies: Vec<Reply>) {
+        metrics::histogram!("ca_audit_batch_size").record(appends.len() as f64);
+        let started = Instant::now();
+        let result = match tokio::time::timeout(COMMIT_TIMEOUT, self.store.append(&appends)).await {
+            Ok(r) => r,
+            Err(_) => Err(AuditError::Timeout(COMMIT_TIMEOUT)),
+        };
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("ca_audit_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(results) => {
+                self.health.set(None);
+                self.revocations.insert(
+                    appends
+                        .iter()
+                        .zip(&results)
+                        .filter(|(a, r)| r.is_ok() && a.decision.outcome == Some(Outcome::Revoked))
+                        .filter_map(|(a, _)| a.revoke.as_ref().map(|r| r.serial.clone())),
+                );
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result.map_err(AuditError::from));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                self.health
+                    .set(Some(format!("{} ({e})", self.store.location().describe())));
+                tracing::warn!(error = %e, records = replies.len(), "audit commit failed: refusing the requests of this batch");
+                metrics::counter!("ca_audit_commit_failures_total").increment(1);
+                for reply in replies {
+                    let _ = reply.send(Err(AuditError::Unavailable(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// While failing with nothing to write: is the store writable again?
+    async fn probe(&self) {
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.store.probe()).await {
+            Ok(Ok(())) => self.health.set(None),
+            Ok(Err(e)) => self
+                .health
+                .set(Some(format!("{} ({e})", self.store.location().describe()))),
+            Err(_) => self.health.set(Some(format!(
+                "{} (no answer within {COMMIT_TIMEOUT:?})",
+                self.store.location().describe()
+            ))),
+        }
+    }
+}
+
+async fn run(state: WriterState, mut rx: mpsc::Receiver<(Append, Reply)>) {
     let mut appends = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
-    while let Some((append, reply)) = rx.recv().await {
+    loop {
+        let first = if state.health.failure().is_some() {
+            tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {
+                    state.probe().await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some((append, reply)) = first else { break };
         appends.push(append);
         replies.push(reply);
         // Let handlers that are already running enqueue before we commit: under load
-        // this grows the batch (fewer fsyncs); when idle it costs one scheduler pass.
+        // this grows the batch (fewer commits); when idle it costs one scheduler pass.
         tokio::task::yield_now().await;
         while appends.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -135,37 +229,9 @@ async fn run(
                 Err(_) => break,
             }
         }
-        metrics::histogram!("ca_audit_batch_size").record(appends.len() as f64);
-        let results = store.write_batch(std::mem::take(&mut appends));
-        let started = Instant::now();
-        let flushed = store.flush().await;
-        flushes.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("ca_audit_flush_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let write_error = results.iter().find_map(|r| match r {
-            Err(AuditError::Io(e)) => Some(e.clone()),
-            _ => None,
-        });
-        health.set(match (&flushed, write_error) {
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(_), Some(e)) => Some(format!("audit store I/O error: {e}")),
-            (Ok(_), None) => None,
-        });
-        match flushed {
-            Ok(_) => {
-                store.publish_revocations(results.iter().filter_map(|r| r.as_ref().ok()));
-                for (reply, result) in replies.drain(..).zip(results) {
-                    let _ = reply.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, records = replies.len(), "audit flush failed: refusing the requests of this batch");
-                metrics::counter!("ca_audit_flush_failures_total").increment(1);
-                for reply in replies.drain(..) {
-                    let _ = reply.send(Err(AuditError::Io(e.to_string())));
-                }
-            }
-        }
+        state
+            .commit(std::mem::take(&mut appends), std::mem::take(&mut replies))
+            .await;
     }
 }
 
@@ -177,8 +243,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_records_share_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(AuditStore::open(dir.path()).unwrap());
-        let (writer, task) = AuditWriter::start(store.clone());
+        let location = crate::audit::StoreLocation::Sqlite(dir.path().join("audit.db"));
+        let store = Arc::new(AuditStore::open(&location, "test").await.unwrap());
+        let view = Arc::new(RevocationView::new(Duration::from_secs(5)));
+        let (writer, task) = AuditWriter::start(store.clone(), view);
         let mut handles = Vec::new();
         for i in 0..400u64 {
             let w = writer.clone();
@@ -205,12 +273,12 @@ mod tests {
             "every record acknowledged once, no gaps"
         );
         assert!(
-            writer.flushes() < 400,
-            "group commit: {} flushes for 400 records",
-            writer.flushes()
+            writer.commits() < 400,
+            "group commit: {} commits for 400 records",
+            writer.commits()
         );
         drop(writer);
         task.await.unwrap();
-        assert!(store.verify().unwrap().problems.is_empty());
+        assert!(store.verify().await.unwrap().problems.is_empty());
     }
 }

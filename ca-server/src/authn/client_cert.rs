@@ -5,10 +5,10 @@
 //! that a bad certificate reaches this code and is refused *with an audit record*
 //! instead of failing the handshake silently.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 use super::{AuthFailure, AuthResult, Authenticator, Caller, CallerContext};
+use crate::audit::RevocationView;
 
 const NAME: &str = "client-cert";
 const CACHE_LIMIT: usize = 16_384;
@@ -32,7 +33,7 @@ struct Verified {
 pub struct ClientCertAuthenticator {
     verifier: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
-    revoked: Arc<RwLock<HashSet<String>>>,
+    revoked: Arc<RevocationView>,
     /// Successful chain verifications by SHA-256 of the leaf. The chain check costs a
     /// signature verification; a node renewing over one connection should not pay it on
     /// every request. Expiry and revocation are still checked on every request.
@@ -48,7 +49,7 @@ impl ClientCertAuthenticator {
     pub fn new(
         roots: &[Vec<u8>],
         trust_domain: &str,
-        revoked: Arc<RwLock<HashSet<String>>>,
+        revoked: Arc<RevocationView>,
     ) -> Result<Self, String> {
         let mut store = RootCertStore::empty();
         for r in roots {
@@ -95,12 +96,20 @@ impl ClientCertAuthenticator {
                 v
             }
         };
-        if self
+        let revoked = self
             .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&verified.serial)
-        {
+            .is_revoked(&verified.serial)
+            .map_err(|stale| AuthFailure {
+                code: tonic::Code::Unavailable,
+                ..fail(
+                    "revocations_stale",
+                    format!(
+                        "cannot renew {}: {stale}; refusing rather than trusting a stale list",
+                        verified.serial
+                    ),
+                )
+            })?;
+        if revoked {
             return Err(fail(
                 "cert_revoked",
                 format!(
@@ -171,6 +180,7 @@ impl ClientCertAuthenticator {
                 identity,
                 authenticator: NAME,
                 principal: None,
+                client_serial: Some(facts.serial.clone()),
             },
             serial: facts.serial,
             not_after: facts.not_after,

@@ -135,6 +135,7 @@ impl KubernetesTokenAuthenticator {
             identity,
             authenticator: NAME,
             principal: None,
+            client_serial: None,
         })
     }
 

@@ -40,6 +40,9 @@ pub struct Caller {
     /// What was authenticated, when it is more than the identity (e.g. the GCE
     /// instance); recorded in the audit log.
     pub principal: Option<String>,
+    /// Serial of the client certificate that proved the identity, when one did: a
+    /// certificate issued to this caller is renewed from it.
+    pub client_serial: Option<String>,
 }
 
 /// A credential was presented and is not acceptable.

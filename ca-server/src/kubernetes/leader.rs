@@ -159,13 +159,18 @@ impl LeaderElection {
 
 /// A name for this replica: the pod name (or host name) and the process id.
 pub fn default_identity() -> String {
-    let host = std::env::var("POD_NAME")
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+/// The pod name, else the host name, else `ca-server`.
+pub fn host_name() -> String {
+    std::env::var("POD_NAME")
         .ok()
+        .filter(|h| !h.is_empty())
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
                 .map(|h| h.trim().to_owned())
         })
-        .unwrap_or_else(|| "ca-server".into());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|| "ca-server".into())
 }

@@ -268,6 +268,7 @@ impl GceAuthenticator {
             identity,
             authenticator: NAME,
             principal: Some(principal),
+            client_serial: None,
         }))
     }
 }

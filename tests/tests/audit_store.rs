@@ -1,0 +1,392 @@
+//! The audit store on both backends, against real databases: a SQLite file and a
+//! throwaway PostgreSQL cluster. Every behaviour is checked on each.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ca_server::audit::{
+    Api, Append, AuditStore, AuditWriter, Decision, ListFilter, Outcome, RevocationView, Revoke,
+    StoreLocation,
+};
+use e2e::postgres::Postgres;
+use sqlx::Executor;
+use time::OffsetDateTime;
+
+/// One backend under test: its location, and what keeps it alive.
+struct Backend {
+    name: &'static str,
+    location: StoreLocation,
+    _keep: Keep,
+}
+
+enum Keep {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Pg(#[allow(dead_code)] Postgres),
+}
+
+fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    Backend {
+        name: "sqlite",
+        location: StoreLocation::Sqlite(dir.path().join("audit.db")),
+        _keep: Keep::Dir(dir),
+    }
+}
+
+fn postgres() -> Backend {
+    let pg = Postgres::start();
+    Backend {
+        name: "postgres",
+        location: StoreLocation::Postgres(pg.database()),
+        _keep: Keep::Pg(pg),
+    }
+}
+
+fn backends() -> [Backend; 2] {
+    [sqlite(), postgres()]
+}
+
+/// A raw connection to the backend's database, for tampering as an attacker with
+/// write access would.
+async fn raw(location: &StoreLocation) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = match location {
+        StoreLocation::Sqlite(p) => format!("sqlite://{}", p.display()),
+        StoreLocation::Postgres(u) => u.clone(),
+    };
+    sqlx::AnyPool::connect(&url).await.unwrap()
+}
+
+async fn sql(pool: &sqlx::AnyPool, statement: &str) {
+    pool.execute(sqlx::AssertSqlSafe(statement.to_owned()))
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+fn issued(serial: &str, parent: Option<&str>) -> Append {
+    let not_after = OffsetDateTime::now_utc() + time::Duration::days(365);
+    Append {
+        decision: Decision {
+            api: Some(Api::Modern),
+            outcome: Some(Outcome::Issued),
+            authenticator: Some("client-cert".into()),
+            caller: Some(format!("spiffe://cluster.local/ns/n/sa/{serial}")),
+            spiffe_id: Some(format!("spiffe://cluster.local/ns/n/sa/{serial}")),
+            serial: Some(serial.into()),
+            client_serial: parent.map(str::to_owned),
+            not_before: Some(ca_server::audit::rfc3339_secs(
+                OffsetDateTime::now_utc().unix_timestamp(),
+            )),
+            not_after: Some(ca_server::audit::rfc3339_secs(not_after.unix_timestamp())),
+            spki_sha256: Some("ab".repeat(32)),
+            cert_sha256: Some("cd".repeat(32)),
+            ..Default::default()
+        },
+        revoke: None,
+    }
+}
+
+fn revocation(serial: &str) -> Append {
+    Append {
+        decision: Decision {
+            api: Some(Api::Admin),
+            outcome: Some(Outcome::Revoked),
+            reason: Some("admin_revocation".into()),
+            detail: Some("test".into()),
+            serial: Some(serial.into()),
+            ..Default::default()
+        },
+        revoke: Some(Revoke {
+            serial: serial.into(),
+            not_after: OffsetDateTime::now_utc().unix_timestamp() + 86400,
+        }),
+    }
+}
+
+async fn append(store: &AuditStore, batch: Vec<Append>) {
+    for r in store.append(&batch).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+async fn problems(store: &AuditStore) -> Vec<String> {
+    store.verify().await.unwrap().problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_share_commits_and_chain_without_gaps() {
+    for b in backends() {
+        let store = Arc::new(AuditStore::open(&b.location, "replica-0").await.unwrap());
+        let view = Arc::new(RevocationView::new(Duration::from_secs(5)));
+        let (writer, task) = AuditWriter::start(store.clone(), view);
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let w = writer.clone();
+                tokio::spawn(async move {
+                    w.record(issued(&format!("{i:04x}"), None).decision)
+                        .await
+                        .unwrap()
+                        .seq
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=300).collect::<Vec<_>>(), "{}", b.name);
+        assert!(
+            writer.commits() < 300,
+            "{}: group commit made {} commits for 300 records",
+            b.name,
+            writer.commits()
+        );
+        drop(writer);
+        task.await.unwrap();
+        let report = store.verify().await.unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.problems
+        );
+        assert_eq!(report.checked, 300);
+        // Every issued serial is a known certificate.
+        assert!(store.certificate("0001").await.unwrap().is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
+    for b in backends() {
+        let store = AuditStore::open(&b.location, "a").await.unwrap();
+        append(&store, vec![issued("01", None)]).await;
+        drop(store);
+        // Opening again migrates nothing and keeps the data.
+        let store = AuditStore::open(&b.location, "a").await.unwrap();
+        assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 1);
+        let pool = raw(&b.location).await;
+        let (versions,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(versions, 1, "{}", b.name);
+        sql(
+            &pool,
+            "INSERT INTO schema_migrations (version, name, applied_us) VALUES (999, 'future', 0)",
+        )
+        .await;
+        let refused = AuditStore::open(&b.location, "a")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{}: opened a store from the future", b.name));
+        assert!(
+            refused.to_string().contains("schema version 999"),
+            "{}: {refused}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_serial_revokes_everything_renewed_from_it() {
+    for b in backends() {
+        let a = AuditStore::open(&b.location, "replica-a").await.unwrap();
+        let other = AuditStore::open(&b.location, "replica-b").await.unwrap();
+        // A bundle, renewed twice (on two replicas), and an unrelated certificate.
+        append(&a, vec![issued("a1", None), issued("d1", None)]).await;
+        append(&other, vec![issued("a2", Some("a1"))]).await;
+        append(&a, vec![issued("a3", Some("a2"))]).await;
+        // The revocation is made on the other replica, for a serial it never issued.
+        append(&other, vec![revocation("a1")]).await;
+        for (serial, revoked) in [("a1", true), ("a2", true), ("a3", true), ("d1", false)] {
+            let r = a.revocation(serial).await.unwrap();
+            assert_eq!(r.is_some(), revoked, "{}: {serial}", b.name);
+        }
+        assert_eq!(
+            a.revocation("a3").await.unwrap().unwrap().cause.as_deref(),
+            Some("a2")
+        );
+        // `show` of a followed certificate names the admin's revocation.
+        let shown = a.show("a3").await.unwrap();
+        assert_eq!(shown.len(), 2, "{}: {shown:#?}", b.name);
+        assert_eq!(shown[1].decision.outcome, Some(Outcome::Revoked));
+        assert_eq!(shown[1].decision.serial.as_deref(), Some("a1"));
+        // A renewal from a revoked certificate that raced the revocation (committed
+        // after it, on another replica) is caught by the follow-up pass.
+        append(&a, vec![issued("a4", Some("a3"))]).await;
+        assert!(a.revocation("a4").await.unwrap().is_none());
+        assert_eq!(a.revoke_followers(0).await.unwrap(), 1, "{}", b.name);
+        assert!(a.revocation("a4").await.unwrap().is_some());
+        assert!(problems(&a).await.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_enforces_a_revocation_within_a_second() {
+    for b in backends() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let mut views = Vec::new();
+        let mut stores = Vec::new();
+        for i in 0..3 {
+            let store = Arc::new(
+                AuditStore::open(&b.location, &format!("r{i}"))
+                    .await
+                    .unwrap(),
+            );
+            let view = Arc::new(RevocationView::new(Duration::from_secs(2)));
+            view.load(&store).await.unwrap();
+            tokio::spawn(ca_server::audit::revocations::keep_fresh(
+                store.clone(),
+                view.clone(),
+                shutdown.clone(),
+            ));
+            views.push(view);
+            stores.push(store);
+        }
+        append(&stores[0], vec![issued("b1", None)]).await;
+        assert_eq!(views[2].is_revoked("b1"), Ok(false));
+        let revoked_at = Instant::now();
+        append(&stores[1], vec![revocation("b1")]).await;
+        for (i, view) in views.iter().enumerate() {
+            while view.is_revoked("b1") != Ok(true) {
+                assert!(
+                    revoked_at.elapsed() < Duration::from_secs(1),
+                    "{}: replica {i} still accepts b1 after 1 s",
+                    b.name
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        eprintln!(
+            "{}: every replica refuses the revoked serial after {:?}",
+            b.name,
+            revoked_at.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_view_that_was_never_confirmed_is_stale() {
+    let view = RevocationView::new(Duration::from_secs(2));
+    assert!(view.is_revoked("01").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_records_but_not_what_revocation_needs() {
+    for b in backends() {
+        let store = AuditStore::open(&b.location, "r").await.unwrap();
+        append(&store, vec![issued("c1", None), issued("c2", Some("c1"))]).await;
+        append(&store, vec![issued("c3", None)]).await;
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        assert_eq!(store.prune_before(future).await.unwrap(), 3, "{}", b.name);
+        assert!(store.list(&ListFilter::default()).await.unwrap().is_empty());
+        let report = store.verify().await.unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.problems
+        );
+        assert_eq!(report.chains[0].first_seq, 4);
+        // The certificates are still known, revocable, and revoking follows renewals.
+        assert!(store.certificate("c1").await.unwrap().is_some());
+        append(&store, vec![revocation("c1")]).await;
+        assert!(
+            store.revocation("c2").await.unwrap().is_some(),
+            "{}",
+            b.name
+        );
+        // The chain continues from the anchor.
+        let report = store.verify().await.unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.problems
+        );
+        assert_eq!(
+            (report.chains[0].first_seq, report.chains[0].head_seq),
+            (4, 4)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_edits_deletions_renumbering_and_truncation() {
+    for b in backends() {
+        let store = AuditStore::open(&b.location, "r").await.unwrap();
+        let other = AuditStore::open(&b.location, "s").await.unwrap();
+        for i in 1..=5 {
+            append(&store, vec![issued(&format!("e{i}"), None)]).await;
+        }
+        append(&other, vec![issued("f1", None)]).await;
+        assert!(problems(&store).await.is_empty());
+        let pool = raw(&b.location).await;
+        let chain = "(SELECT id FROM audit_chains WHERE name = 'r')";
+        let cases: Vec<(String, String, &str)> = vec![
+            (
+                format!(
+                    "UPDATE audit_records SET spiffe_id = 'x' WHERE chain_id = {chain} AND seq = 3"
+                ),
+                format!(
+                    "UPDATE audit_records SET spiffe_id = 'spiffe://cluster.local/ns/n/sa/e3' WHERE chain_id = {chain} AND seq = 3"
+                ),
+                "record 3 was modified",
+            ),
+            (
+                format!("UPDATE audit_records SET seq = 10 WHERE chain_id = {chain} AND seq = 3"),
+                format!("UPDATE audit_records SET seq = 3 WHERE chain_id = {chain} AND seq = 10"),
+                "record 3 is missing",
+            ),
+            (
+                format!(
+                    "UPDATE audit_records SET chain_id = 99 WHERE chain_id = {chain} AND seq = 5"
+                ),
+                format!("UPDATE audit_records SET chain_id = {chain} WHERE chain_id = 99"),
+                "tail of the log was deleted",
+            ),
+            (
+                format!(
+                    "UPDATE audit_records SET time_us = time_us + 1 WHERE chain_id = {chain} AND seq = 2"
+                ),
+                format!(
+                    "UPDATE audit_records SET time_us = time_us - 1 WHERE chain_id = {chain} AND seq = 2"
+                ),
+                "record 2 was modified",
+            ),
+        ];
+        for (tamper, undo, expected) in &cases {
+            sql(&pool, tamper).await;
+            let found = problems(&store).await;
+            assert!(
+                found.iter().any(|p| p.contains(expected)),
+                "{}: {expected:?} not in {found:?}",
+                b.name
+            );
+            sql(&pool, undo).await;
+            assert!(problems(&store).await.is_empty(), "{}: {tamper}", b.name);
+        }
+        // Records moved to a chain that does not exist are reported.
+        sql(
+            &pool,
+            &format!("UPDATE audit_records SET chain_id = 99 WHERE chain_id = {chain} AND seq = 5"),
+        )
+        .await;
+        sql(
+            &pool,
+            &format!("UPDATE audit_chains SET head_seq = 4 WHERE id = {chain}"),
+        )
+        .await;
+        let found = problems(&store).await;
+        assert!(
+            found.iter().any(|p| p.contains("belong to no known chain")),
+            "{}: {found:?}",
+            b.name
+        );
+        // Both chains are walked; `list` sees both replicas' records.
+        let listed = store.list(&ListFilter::default()).await.unwrap();
+        assert!(listed.iter().any(|r| r.chain == "s"));
+    }
+}

@@ -1,0 +1,157 @@
+//! Three replicas on loopback sharing one PostgreSQL and one (plugged-in) CA: what
+//! one replica records, every replica knows.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use e2e::postgres::TestStore;
+use e2e::{CaProcess, Issuers, PluggedCa, hostile_csr, modern};
+use tonic::Code;
+
+struct Replicas {
+    cas: Vec<CaProcess>,
+    plugged: PluggedCa,
+    _store: TestStore,
+    _tmp: tempfile::TempDir,
+}
+
+fn start_replicas(n: usize) -> Replicas {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::postgres();
+    let cacerts = tmp.path().join("cacerts");
+    let plugged = PluggedCa::write(&cacerts);
+    let cas = (0..n)
+        .map(|i| {
+            CaProcess::start_with_env(
+                &tmp.path().join(format!("replica-{i}")),
+                &[
+                    "--plugged-ca-dir",
+                    cacerts.to_str().unwrap(),
+                    "--audit-chain",
+                    &format!("replica-{i}"),
+                ],
+                &store.env(),
+            )
+        })
+        .collect();
+    Replicas {
+        cas,
+        plugged,
+        _store: store,
+        _tmp: tmp,
+    }
+}
+
+async fn renew(ch: &tonic::transport::Channel) -> Result<Vec<String>, tonic::Status> {
+    let (_, csr) = hostile_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+    modern(ch)
+        .create_certificate(e2e::request(csr))
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_on_one_replica_is_enforced_by_all_within_a_second() {
+    let r = start_replicas(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, key) = r.cas[0].export_bundle("vm", "db", "24h", &tmp.path().join("b"));
+    let root = &r.plugged.root_pem;
+    let mut channels = Vec::new();
+    for ca in &r.cas {
+        channels.push(e2e::channel(ca.grpc, root, Some((&chain, &key))).await);
+    }
+    // Every replica renews the bundle; replica 2's renewal is used below.
+    for ch in &channels {
+        renew(ch).await.expect("every replica renews the bundle");
+    }
+    let renewed_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&renewed_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let renewed = modern(&channels[2])
+        .create_certificate(e2e::request(csr))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain
+        .concat();
+
+    // Revoke the bundle on replica 1, a replica that did not issue it.
+    let serial = e2e::serial_of(&chain);
+    let out = r.cas[1].cli(&["revoke", &serial, "--reason", "machine stolen"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked_at = Instant::now();
+    for (i, ch) in channels.iter().enumerate() {
+        loop {
+            match renew(ch).await {
+                Err(s) if s.code() == Code::Unauthenticated => break,
+                other => assert!(
+                    revoked_at.elapsed() < Duration::from_secs(1),
+                    "replica {i} still serves the revoked bundle after 1 s: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("all replicas refuse after {:?}", revoked_at.elapsed());
+    // The certificate renewed from the bundle is refused too, everywhere.
+    let pem = renewed_key.serialize_pem();
+    for ca in &r.cas {
+        let ch = e2e::channel(ca.grpc, root, Some((&renewed, &pem))).await;
+        let err = renew(&ch).await.expect_err("renewed from a revoked bundle");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    // Every replica's audit listing sees every replica's records.
+    let denied = r.cas[0].audit_records(&["--outcome", "denied"]);
+    let reasons: BTreeSet<_> = denied.iter().map(|d| d["reason"].clone()).collect();
+    assert!(
+        reasons.contains(&serde_json::json!("cert_revoked")),
+        "{denied:#?}"
+    );
+    let chains: BTreeSet<_> = denied.iter().map(|d| d["chain"].clone()).collect();
+    assert_eq!(chains.len(), 3, "denials recorded by all three replicas");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_under_load_loses_nothing() {
+    let mut r = start_replicas(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let (chain, key) = r.cas[0].export_bundle("vm", "load", "24h", &tmp.path().join("b"));
+    let root = r.plugged.root_pem.clone();
+    // 64 clients, spread over the three replicas.
+    let mut load = Vec::new();
+    for (i, ca) in r.cas.iter().enumerate() {
+        let ch = e2e::channel(ca.grpc, &root, Some((&chain, &key))).await;
+        let clients = if i == 0 { 22 } else { 21 };
+        load.push(Issuers::spawn(&ch, clients, 150));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    r.cas[0].kill();
+    let mut received = BTreeSet::new();
+    let mut errors = Vec::new();
+    for l in load {
+        let (serials, e) = l.join().await;
+        received.extend(serials);
+        errors.extend(e);
+    }
+    assert!(received.len() >= 100, "only {} issued", received.len());
+    // Only the killed replica's clients stopped; the others ran to their bound.
+    assert!(errors.len() <= 22, "{} clients stopped: {errors:?}", errors.len());
+    let recorded: BTreeSet<String> = r.cas[1]
+        .audit_records(&["--outcome", "issued", "--identity", "spiffe://cluster.local/ns/vm/sa/load"])
+        .iter()
+        .filter_map(|v| v["serial"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<_> = received.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} delivered certificates have no audit record: {missing:?}",
+        missing.len()
+    );
+    let verify = r.cas[2].cli(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{text}");
+    assert!(text.contains("chain replica-0"), "{text}");
+}
