@@ -176,7 +176,7 @@ async fn main() {
                 issuance(i, s.clone(), std::mem::replace(&mut parent, s))
             })
             .collect();
-        for result in store.append(&batch).await.expect("commit") {
+        for result in store.append(&batch).await.expect("commit").results {
             result.expect("record");
         }
         let before = written;

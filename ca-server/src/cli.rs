@@ -636,14 +636,14 @@ impl AdminTarget {
             format!("uid:{uid}"),
         )
         .await?;
-        let mut results = store
+        let mut appended = store
             .append(&[Append {
                 decision,
                 revoke: Some(revoke),
             }])
             .await
             .map_err(|e| e.to_string())?;
-        let record = results.remove(0).map_err(|e| e.to_string())?;
+        let record = appended.results.remove(0).map_err(|e| e.to_string())?;
         Ok(AdminResponse::Revoked {
             record: Box::new(record),
         })

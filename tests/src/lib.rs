@@ -317,6 +317,28 @@ impl CaProcess {
             .collect()
     }
 
+    /// Asserts that `audit verify` passes and that every serial in `received` has its
+    /// issuance record: nothing a client was given went unrecorded.
+    pub fn assert_all_recorded(&self, received: &std::collections::BTreeSet<String>) {
+        let verify = self.cli(&["audit", "verify"]);
+        assert!(
+            verify.status.success(),
+            "audit verify: {}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+        let recorded: std::collections::BTreeSet<String> = self
+            .audit_records(&["--outcome", "issued"])
+            .iter()
+            .filter_map(|r| r["serial"].as_str().map(str::to_owned))
+            .collect();
+        let missing: Vec<_> = received.difference(&recorded).collect();
+        assert!(
+            missing.is_empty(),
+            "{} delivered certificates have no audit record: {missing:?}",
+            missing.len()
+        );
+    }
+
     /// A gRPC channel over TLS, verifying the server as `istio-ca`, optionally with a
     /// client certificate.
     pub async fn channel(&self, client: Option<(&str, &str)>) -> Channel {

@@ -100,27 +100,6 @@ fn ready_again(ca: &CaProcess) {
     });
 }
 
-/// Every serial in `received` has its issuance record, and the chain verifies.
-fn nothing_lost(ca: &CaProcess, received: &BTreeSet<String>) {
-    let verify = ca.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
-    let recorded: BTreeSet<String> = ca
-        .audit_records(&["--outcome", "issued"])
-        .iter()
-        .filter_map(|r| r["serial"].as_str().map(str::to_owned))
-        .collect();
-    let missing: Vec<_> = received.difference(&recorded).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged certificates have no audit record: {missing:?}",
-        missing.len()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_disk_refuses_to_issue_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
@@ -165,7 +144,7 @@ async fn full_disk_refuses_to_issue_and_recovers_by_itself() {
     std::fs::remove_file(&filler).unwrap();
 
     let ca = CaProcess::start(&state, &[]);
-    nothing_lost(&ca, &received);
+    ca.assert_all_recorded(&received);
 }
 
 /// An ext4 file system on a loop device, mounted on `dir` with `errors=remount-ro`.
@@ -275,7 +254,7 @@ async fn read_only_file_system_refuses_to_issue_and_loses_nothing() {
     // Unmount, fsck, mount: what was acknowledged is there.
     fs.repair();
     let ca = CaProcess::start(&state, &[]);
-    nothing_lost(&ca, &received);
+    ca.assert_all_recorded(&received);
     let ch = ca.channel(Some((&chain, &key))).await;
     modern(&ch)
         .create_certificate(request())
@@ -306,6 +285,18 @@ async fn postgres_stopped_under_load_is_unavailable_then_recovers_without_restar
     }
     assert!(ca.is_running(), "the CA died:\n{}", ca.log_text());
     not_ready_naming(&ca, "postgres://");
+    // Once the revocation list cannot be confirmed, renewals stop at authentication.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = modern(&ch)
+        .create_certificate(request())
+        .await
+        .expect_err("renewed on a stale revocation list");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        ca.log_text().contains("revocations_stale"),
+        "{}",
+        ca.log_text()
+    );
 
     store.pg.as_mut().unwrap().restart();
     ready_again(&ca);
@@ -314,5 +305,5 @@ async fn postgres_stopped_under_load_is_unavailable_then_recovers_without_restar
         .await
         .expect("issuance resumes once PostgreSQL is back");
     received.insert(e2e::serial_of(&resp.into_inner().cert_chain[0]));
-    nothing_lost(&ca, &received);
+    ca.assert_all_recorded(&received);
 }

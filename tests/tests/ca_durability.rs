@@ -1,6 +1,5 @@
 //! Durability and tamper evidence of the audit log, on both store backends.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use e2e::postgres::{TestStore, execute};
@@ -36,23 +35,7 @@ async fn every_delivered_certificate_survives_sigkill() {
             String::from_utf8_lossy(&verify.stdout)
         );
         ca.restart();
-        let recorded: BTreeSet<String> = ca
-            .audit_records(&[
-                "--outcome",
-                "issued",
-                "--identity",
-                "spiffe://cluster.local/ns/vm/sa/load",
-            ])
-            .iter()
-            .map(|r| r["serial"].as_str().unwrap().to_owned())
-            .collect();
-        let missing: Vec<_> = received.difference(&recorded).collect();
-        assert!(
-            missing.is_empty(),
-            "{}: {} delivered certificates have no audit record: {missing:?}",
-            store.name,
-            missing.len()
-        );
+        ca.assert_all_recorded(&received);
         let verify = ca.cli(&["audit", "verify"]);
         assert!(
             verify.status.success(),
@@ -98,43 +81,26 @@ async fn verify_detects_modification_and_deletion() {
 
         let db = store.raw(&state).await;
         let chain = "(SELECT id FROM audit_chains WHERE name = 'ca-0')";
-        execute(
-            &db,
-            &format!("UPDATE audit_records SET spiffe_id = 'spiffe://cluster.local/ns/vm/sa/xx' WHERE chain_id = {chain} AND seq = 3"),
-        )
-        .await;
-        let (ok, text) = verify_output(&ca);
-        assert!(!ok);
-        assert!(
-            text.contains("record 3 was modified"),
-            "{}: {text}",
-            store.name
-        );
-
-        execute(
-            &db,
-            &format!("DELETE FROM audit_records WHERE chain_id = {chain} AND seq = 4"),
-        )
-        .await;
-        let (ok, text) = verify_output(&ca);
-        assert!(!ok);
-        assert!(
-            text.contains("record 4 is missing"),
-            "{}: {text}",
-            store.name
-        );
-
-        execute(
-            &db,
-            &format!("DELETE FROM audit_records WHERE chain_id = {chain} AND seq = 6"),
-        )
-        .await;
-        let (ok, text) = verify_output(&ca);
-        assert!(!ok);
-        assert!(
-            text.contains("tail of the log was deleted"),
-            "{}: {text}",
-            store.name
-        );
+        for (tamper, expected) in [
+            (
+                format!(
+                    "UPDATE audit_records SET spiffe_id = 'spiffe://cluster.local/ns/vm/sa/xx' WHERE chain_id = {chain} AND seq = 3"
+                ),
+                "record 3 was modified",
+            ),
+            (
+                format!("DELETE FROM audit_records WHERE chain_id = {chain} AND seq = 4"),
+                "record 4 is missing",
+            ),
+            (
+                format!("DELETE FROM audit_records WHERE chain_id = {chain} AND seq = 6"),
+                "tail of the log was deleted",
+            ),
+        ] {
+            execute(&db, &tamper).await;
+            let (ok, text) = verify_output(&ca);
+            assert!(!ok, "{}: {tamper}", store.name);
+            assert!(text.contains(expected), "{}: {text}", store.name);
+        }
     }
 }

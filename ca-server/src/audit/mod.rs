@@ -11,7 +11,7 @@ mod writer;
 pub use record::{Api, AuditRecord, Decision, EncodeError, Outcome, rfc3339_secs};
 pub use revocations::{RevocationView, Stale};
 pub use store::{
-    Append, AuditError, AuditStore, ChainHead, Dialect, IssuedCertificate, ListFilter, Revocation,
-    Revoke, StoreLocation, VerifyReport, now_us,
+    Append, Appended, AuditError, AuditStore, ChainHead, Dialect, IssuedCertificate, ListFilter,
+    Revocation, Revoke, StoreLocation, VerifyReport, now_us,
 };
 pub use writer::{AuditHealth, AuditWriter};

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::store::{AuditStore, Dialect, StoreLocation, now_us};
 
-/// PostgreSQL notification channel; the payload is the revoked serial.
+/// PostgreSQL notification channel; the payload is revoked serials, one per line.
 pub const NOTIFY_CHANNEL: &str = "istio_ca_revocations";
 
 /// How often the view is resynced from the table.
@@ -193,7 +193,7 @@ async fn listen(url: String, view: Arc<RevocationView>, mut shutdown: watch::Rec
         loop {
             tokio::select! {
                 n = listener.recv() => match n {
-                    Ok(n) => view.insert([n.payload().to_owned()]),
+                    Ok(n) => view.insert(n.payload().lines().map(str::to_owned)),
                     Err(e) => {
                         tracing::warn!(error = %e, "revocation listener lost its connection");
                         break;

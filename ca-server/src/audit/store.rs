@@ -408,7 +408,17 @@ const REVOKE_DESCENDANTS: &str = "WITH RECURSIVE descendants(serial, not_after, 
     )
     INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
     SELECT serial, not_after, $4, parent, $2, $3, $5 FROM descendants WHERE true
-    ON CONFLICT (serial) DO NOTHING";
+    ON CONFLICT (serial) DO NOTHING
+    RETURNING serial";
+
+/// What one committed batch did.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// One result per append, in order.
+    pub results: Vec<Result<AuditRecord, EncodeError>>,
+    /// Every serial the batch revoked: the admins' and those renewed from them.
+    pub revoked: Vec<String>,
+}
 
 impl AuditStore {
     /// Opens (creating and migrating if needed) the store at `location`, appending to
@@ -491,10 +501,7 @@ impl AuditStore {
     /// Writes a batch in one transaction and returns once it is durable. Appends that
     /// cannot be encoded fail alone; when the transaction fails, the whole batch does
     /// (the outer error) and nothing of it was recorded.
-    pub async fn append(
-        &self,
-        batch: &[Append],
-    ) -> Result<Vec<Result<AuditRecord, EncodeError>>, AuditError> {
+    pub async fn append(&self, batch: &[Append]) -> Result<Appended, AuditError> {
         let time_us = now_us();
         // Check every decision before touching the store.
         let mut results: Vec<Result<AuditRecord, EncodeError>> = batch
@@ -546,10 +553,13 @@ impl AuditStore {
             q.execute(&mut *tx).await?;
         }
         self.insert_certificates(&mut tx, &rows).await?;
+        let mut revoked = Vec::new();
         for (row, _, append) in &rows {
             if let Some(revoke) = &append.revoke {
-                self.insert_revocation(&mut tx, row, revoke, time_us)
-                    .await?;
+                revoked.extend(
+                    self.insert_revocation(&mut tx, row, revoke, time_us)
+                        .await?,
+                );
             }
         }
         sqlx::query("UPDATE audit_chains SET head_seq = $1, head_hash = $2 WHERE id = $3")
@@ -560,7 +570,7 @@ impl AuditStore {
             .await?;
         tx.commit().await?;
         conn.committed();
-        Ok(results)
+        Ok(Appended { results, revoked })
     }
 
     /// Indexes the certificates a batch issued. A serial already in the table fails the
@@ -604,14 +614,15 @@ impl AuditStore {
     }
 
     /// Records a revocation and revokes everything renewed from the certificate, in the
-    /// batch's transaction; PostgreSQL replicas are told at commit.
+    /// batch's transaction; PostgreSQL replicas are told at commit. Returns every
+    /// serial revoked.
     async fn insert_revocation(
         &self,
         tx: &mut Transaction<'_, Any>,
         row: &Row,
         revoke: &Revoke,
         time_us: i64,
-    ) -> Result<(), AuditError> {
+    ) -> Result<Vec<String>, AuditError> {
         let reason = row.detail.clone().unwrap_or_else(|| "revoked".into());
         sqlx::query(
             "INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
@@ -625,22 +636,36 @@ impl AuditStore {
         .bind(time_us)
         .execute(&mut **tx)
         .await?;
-        let followed = sqlx::query(REVOKE_DESCENDANTS)
+        let followed: Vec<(String,)> = sqlx::query_as(REVOKE_DESCENDANTS)
             .bind(revoke.serial.clone())
             .bind(self.chain.id)
             .bind(row.seq)
             .bind(FOLLOWED)
             .bind(time_us)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        if followed > 0 {
-            tracing::info!(serial = %revoke.serial, followed, "revoked the certificates renewed from it too");
+            .fetch_all(&mut **tx)
+            .await?;
+        if !followed.is_empty() {
+            tracing::info!(serial = %revoke.serial, followed = followed.len(), "revoked the certificates renewed from it too");
         }
+        let mut revoked = vec![revoke.serial.clone()];
+        revoked.extend(followed.into_iter().map(|(s,)| s));
         if self.dialect == Dialect::Postgres {
+            self.notify(tx, &revoked).await?;
+        }
+        Ok(revoked)
+    }
+
+    /// Tells the other replicas about `serials` when the transaction commits: one
+    /// notification per few hundred serials (a payload holds under 8000 bytes).
+    async fn notify(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        serials: &[String],
+    ) -> Result<(), AuditError> {
+        for chunk in serials.chunks(100) {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(super::revocations::NOTIFY_CHANNEL)
-                .bind(revoke.serial.clone())
+                .bind(chunk.join("\n"))
                 .execute(&mut **tx)
                 .await?;
         }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::revocations::RevocationView;
 use super::store::{Append, AuditError, AuditStore, Revoke};
-use super::{AuditRecord, Decision, Outcome};
+use super::{AuditRecord, Decision};
 
 const MAX_BATCH: usize = 1024;
 
@@ -158,16 +158,10 @@ impl WriterState {
         metrics::histogram!("ca_audit_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(results) => {
+            Ok(appended) => {
                 self.health.set(None);
-                self.revocations.insert(
-                    appends
-                        .iter()
-                        .zip(&results)
-                        .filter(|(a, r)| r.is_ok() && a.decision.outcome == Some(Outcome::Revoked))
-                        .filter_map(|(a, _)| a.revoke.as_ref().map(|r| r.serial.clone())),
-                );
-                for (reply, result) in replies.into_iter().zip(results) {
+                self.revocations.insert(appended.revoked);
+                for (reply, result) in replies.into_iter().zip(appended.results) {
                     let _ = reply.send(result.map_err(AuditError::from));
                 }
             }
