@@ -300,6 +300,11 @@ impl CertificateAuthority {
         &self.roots_pem
     }
 
+    /// The CA key.
+    pub(crate) fn signer(&self) -> &SignerHandle {
+        self.issuer.key()
+    }
+
     /// Whether the signing CA is itself a (self-signed) root.
     pub fn signer_is_root(&self) -> bool {
         self.chain_above.is_empty()

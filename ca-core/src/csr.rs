@@ -132,7 +132,7 @@ pub(crate) fn raw_info_bytes(der: &[u8]) -> Result<&[u8], IssueError> {
     reader.tlv_bytes().map_err(malformed)
 }
 
-fn classify_key(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<PublicKey, IssueError> {
+pub(crate) fn classify_key(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<PublicKey, IssueError> {
     let raw = spki
         .subject_public_key
         .as_bytes()

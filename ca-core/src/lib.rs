@@ -23,6 +23,7 @@ pub mod pem;
 pub mod policy;
 mod reread;
 pub mod spiffe;
+pub mod statement;
 pub mod x509;
 
 pub use authority::{CaSigner, CertificateAuthority, IssuedCertificate};

@@ -115,6 +115,9 @@ pub struct ServeArgs {
     /// host name]. Replicas sharing a name stay correct, but contend for it.
     #[arg(long, env = "CA_AUDIT_CHAIN")]
     pub audit_chain: Option<String>,
+    /// How often the CA signs a checkpoint of every chain's head (see `audit checkpoint`).
+    #[arg(long, env = "CA_AUDIT_CHECKPOINT_INTERVAL", default_value = "1h", value_parser = duration)]
+    pub audit_checkpoint_interval: Duration,
     /// Refuse client-certificate renewals (UNAVAILABLE) when the revocation list could
     /// not be confirmed against the store for this long.
     #[arg(long, env = "CA_REVOCATION_MAX_STALENESS", default_value = "2s", value_parser = duration)]
@@ -242,11 +245,27 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check the hash chain; exit 1 when a record was modified or deleted.
+    /// Check every hash chain and every signed checkpoint; exit 1 when a record was
+    /// modified, deleted or rewritten.
     Verify {
+        /// Also check the store against this checkpoint (a file `audit checkpoint
+        /// --out` wrote and you kept elsewhere); repeatable.
+        #[arg(long)]
+        checkpoint: Vec<PathBuf>,
+        /// The signing CA's certificate, to check checkpoint signatures [default:
+        /// <state-dir>/ca/ca-cert.pem when it exists]. A plugged-in CA: its ca-cert.pem.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Have the running CA sign the chains' current heads; the checkpoint is stored and
+    /// printed. Keep a copy where the database's writers cannot reach it.
+    Checkpoint {
+        /// Also write the checkpoint (JSON) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -301,6 +320,7 @@ pub fn main() -> ExitCode {
             let admin = AdminTarget {
                 store,
                 admin_socket,
+                state_dir: cli.state_dir.clone(),
             };
             match cli.command {
                 Command::Revoke(args) => runtime.block_on(admin.run(
@@ -428,6 +448,7 @@ pub fn serve_config(
             .clone()
             .unwrap_or_else(crate::kubernetes::leader::host_name),
         revocation_max_staleness: a.revocation_max_staleness,
+        audit_checkpoint_interval: a.audit_checkpoint_interval.max(Duration::from_secs(1)),
         admin_socket: admin_socket.to_owned(),
         kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
         leader_election: (a.secret_controller && a.leader_elect).then(|| {
@@ -589,6 +610,7 @@ async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
 struct AdminTarget {
     store: StoreLocation,
     admin_socket: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl AdminTarget {
@@ -650,6 +672,59 @@ impl AdminTarget {
     }
 }
 
+/// `audit verify`'s request: the published checkpoints read, the CA certificate found.
+fn verify_request(
+    state_dir: &Path,
+    files: &[PathBuf],
+    ca_cert: Option<&Path>,
+) -> Result<AdminRequest, String> {
+    let checkpoints = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a checkpoint: {e}", f.display()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let default = state_dir.join("ca/ca-cert.pem");
+    let ca_cert_pem = match ca_cert {
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| format!("--ca-cert {}: {e}", p.display()))?,
+        ),
+        None => std::fs::read_to_string(default).ok(),
+    };
+    Ok(AdminRequest::AuditVerify {
+        checkpoints,
+        ca_cert_pem,
+    })
+}
+
+/// `audit checkpoint`: only the running CA holds the key.
+async fn checkpoint(admin: &AdminTarget, out: Option<&Path>) -> ExitCode {
+    let client = AdminClient::new(&admin.admin_socket);
+    if !client.is_up().await {
+        return runtime_error(format!(
+            "no ca-server answers on {} (a checkpoint is signed by the running CA)",
+            admin.admin_socket.display()
+        ));
+    }
+    match client.call(&AdminRequest::AuditCheckpoint).await {
+        Ok(AdminResponse::Checkpointed { checkpoint }) => {
+            let text = serde_json::to_string(&checkpoint).unwrap_or_default();
+            if let Some(path) = out
+                && let Err(e) = crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
+            {
+                return runtime_error(format!("{}: {e}", path.display()));
+            }
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(AdminResponse::Error { message }) => runtime_error(message),
+        Ok(other) => runtime_error(format!("unexpected answer: {other:?}")),
+        Err(e) => runtime_error(e),
+    }
+}
+
 fn since_arg(s: &str) -> Result<String, String> {
     if OffsetDateTime::parse(s, &Rfc3339).is_ok() {
         return Ok(s.to_owned());
@@ -692,7 +767,15 @@ async fn audit(admin: &AdminTarget, cmd: AuditCommand) -> ExitCode {
             }
             (AdminRequest::AuditShow { serial }, json)
         }
-        AuditCommand::Verify { json } => (AdminRequest::AuditVerify, json),
+        AuditCommand::Verify {
+            checkpoint,
+            ca_cert,
+            json,
+        } => match verify_request(&admin.state_dir, &checkpoint, ca_cert.as_deref()) {
+            Ok(req) => (req, json),
+            Err(e) => return usage_error(e),
+        },
+        AuditCommand::Checkpoint { out } => return checkpoint(admin, out.as_deref()).await,
     };
     admin.run(req, json).await
 }
@@ -754,9 +837,15 @@ fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
                     );
                 }
                 println!(
-                    "checked {} records in {} chains",
+                    "checked {} records in {} chains, and {} signed checkpoints{}",
                     report.checked,
-                    report.chains.len()
+                    report.chains.len(),
+                    report.checkpoints,
+                    if report.checkpoint_signatures_checked || report.checkpoints == 0 {
+                        ""
+                    } else {
+                        " (signatures not checked: give --ca-cert)"
+                    }
                 );
             }
             if report.problems.is_empty() {
@@ -769,6 +858,10 @@ fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
             }
         }
         AdminResponse::Error { message } => runtime_error(message),
+        AdminResponse::Checkpointed { checkpoint } => {
+            println!("{}", serde_json::to_string(&checkpoint).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
         AdminResponse::Signed { serial, .. } => {
             println!("signed {serial}");
             ExitCode::SUCCESS

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub audit_chain: String,
     /// Renewals are refused when the revocation list is older than this.
     pub revocation_max_staleness: Duration,
+    /// How often the chains' heads are signed.
+    pub audit_checkpoint_interval: Duration,
     /// Admin socket path.
     pub admin_socket: PathBuf,
     /// GCE instance-identity-token authentication, when configured.
@@ -280,6 +282,12 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         cfg.audit_retention,
         shutdown.clone(),
     ));
+    let checkpoint_task = tokio::spawn(checkpoint_audit(
+        store.clone(),
+        ca.clone(),
+        cfg.audit_checkpoint_interval,
+        shutdown.clone(),
+    ));
 
     let endpoints = serde_json::json!({
         "grpc": grpc_addr.to_string(),
@@ -303,6 +311,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         let _ = http_task.await;
         renew_task.abort();
         prune_task.abort();
+        checkpoint_task.abort();
         revocation_task.abort();
         if let Some(t) = controller_task {
             let _ = t.await;
@@ -382,6 +391,25 @@ async fn prune_audit(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Signs a checkpoint of every chain's head every `interval`.
+async fn checkpoint_audit(
+    store: Arc<AuditStore>,
+    ca: Arc<CertificateAuthority>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match crate::audit::checkpoint::make(&store, &ca).await {
+            Ok(c) => tracing::info!(checkpoint = %c.body, "audit checkpoint signed"),
+            Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
         }
     }
 }

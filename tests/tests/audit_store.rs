@@ -177,7 +177,7 @@ async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, 1, "{}", b.name);
+        assert_eq!(versions, 2, "{}", b.name);
         sql(
             &pool,
             "INSERT INTO schema_migrations (version, name, applied_us) VALUES (999, 'future', 0)",
@@ -388,5 +388,95 @@ async fn verify_finds_edits_deletions_renumbering_and_truncation() {
         // Both chains are walked; `list` sees both replicas' records.
         let listed = store.list(&ListFilter::default()).await.unwrap();
         assert!(listed.iter().any(|r| r.chain == "s"));
+    }
+}
+
+/// A self-signed CA to sign checkpoints with.
+fn checkpoint_ca() -> ca_core::CertificateAuthority {
+    ca_core::CertificateAuthority::new_self_signed_root(
+        rcgen::KeyPair::generate().unwrap(),
+        "cluster.local",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(86400),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
+    use ca_server::audit::checkpoint;
+    for b in backends() {
+        let ca = checkpoint_ca();
+        let store = AuditStore::open(&b.location, "r").await.unwrap();
+        for i in 1..=5 {
+            append(&store, vec![issued(&format!("g{i}"), None)]).await;
+        }
+        let signed = checkpoint::make(&store, &ca).await.unwrap();
+        let report = checkpoint::verify_all(&store, Some(ca.cert_der()), &[])
+            .await
+            .unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "{}: {:?}",
+            b.name,
+            report.problems
+        );
+        assert_eq!(report.checkpoints, 1);
+
+        // Someone with write access removes records 4 and 5 and moves the head back:
+        // every chain is consistent again, and only the checkpoint tells.
+        let pool = raw(&b.location).await;
+        sql(&pool, "DELETE FROM audit_records WHERE seq >= 4").await;
+        sql(
+            &pool,
+            "UPDATE audit_chains SET head_seq = 3, head_hash = (SELECT hash FROM audit_records \
+             WHERE audit_records.chain_id = audit_chains.id AND seq = 3) WHERE name = 'r'",
+        )
+        .await;
+        assert!(
+            problems(&store).await.is_empty(),
+            "{}: the chain alone looks intact",
+            b.name
+        );
+        let found = checkpoint::verify_all(&store, Some(ca.cert_der()), &[])
+            .await
+            .unwrap()
+            .problems;
+        assert!(
+            found.iter().any(|p| p.contains("the store ends at 3")),
+            "{}: {found:?}",
+            b.name
+        );
+        // ...and writes new records 4 and 5 in their place (through a CA started after
+        // the rewrite: a running one remembers its head, and would leave a gap).
+        let store = AuditStore::open(&b.location, "r").await.unwrap();
+        append(&store, vec![issued("h4", None)]).await;
+        append(&store, vec![issued("h5", None)]).await;
+        assert!(problems(&store).await.is_empty());
+        // The stored checkpoints are deleted too; the copy kept elsewhere still tells.
+        sql(&pool, "DELETE FROM audit_checkpoints").await;
+        let found = checkpoint::verify_all(&store, Some(ca.cert_der()), &[signed.clone()])
+            .await
+            .unwrap()
+            .problems;
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("record 5 is not the record the checkpoint signed")),
+            "{}: {found:?}",
+            b.name
+        );
+        // A checkpoint cannot be forged without the CA key.
+        let mut forged = signed.clone();
+        forged.body = forged.body.replace("\"seq\":5", "\"seq\":4");
+        let found = checkpoint::verify_all(&store, Some(ca.cert_der()), &[forged])
+            .await
+            .unwrap()
+            .problems;
+        assert!(
+            found.iter().any(|p| p.contains("does not verify")),
+            "{}: {found:?}",
+            b.name
+        );
     }
 }

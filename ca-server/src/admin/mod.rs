@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Api, AuditRecord, Decision, ListFilter, Outcome, Revoke, VerifyReport};
+use crate::audit::{
+    Api, AuditRecord, Checkpoint, Decision, ListFilter, Outcome, Revoke, VerifyReport,
+};
 use crate::authn::Caller;
 use crate::issuance::Issuance;
 
@@ -51,8 +53,17 @@ pub enum AdminRequest {
         /// Serial, hex.
         serial: String,
     },
-    /// Verify the hash chain.
-    AuditVerify,
+    /// Verify every hash chain, and the checkpoints stored and given.
+    AuditVerify {
+        /// Published checkpoints to check the store against.
+        #[serde(default)]
+        checkpoints: Vec<Checkpoint>,
+        /// The signing CA's certificate (PEM), to check checkpoint signatures.
+        #[serde(default)]
+        ca_cert_pem: Option<String>,
+    },
+    /// Sign the chains' current heads (the running CA only: it holds the key).
+    AuditCheckpoint,
 }
 
 /// A response on the admin socket.
@@ -86,6 +97,11 @@ pub enum AdminResponse {
     Verified {
         /// The report.
         report: VerifyReport,
+    },
+    /// A checkpoint the CA just signed and stored.
+    Checkpointed {
+        /// It.
+        checkpoint: Checkpoint,
     },
     /// The request failed.
     Error {
@@ -174,11 +190,29 @@ pub async fn query(store: &crate::audit::AuditStore, req: &AdminRequest) -> Opti
                 .map(|records| AdminResponse::Records { records }),
             Err(e) => return Some(error(e)),
         },
-        AdminRequest::AuditVerify => store
-            .verify()
+        AdminRequest::AuditVerify {
+            checkpoints,
+            ca_cert_pem,
+        } => {
+            let der = match ca_cert_pem
+                .as_deref()
+                .map(|p| ca_core::pem::parse_certificates(p.as_bytes()))
+            {
+                Some(Ok(mut certs)) if !certs.is_empty() => Some(certs.remove(0)),
+                Some(_) => return Some(error("--ca-cert holds no certificate")),
+                None => None,
+            };
+            crate::audit::checkpoint::verify_all(
+                store,
+                der.as_ref().map(|d| d.as_ref()),
+                checkpoints,
+            )
             .await
-            .map(|report| AdminResponse::Verified { report }),
-        AdminRequest::Sign { .. } | AdminRequest::Revoke { .. } => return None,
+            .map(|report| AdminResponse::Verified { report })
+        }
+        AdminRequest::Sign { .. } | AdminRequest::Revoke { .. } | AdminRequest::AuditCheckpoint => {
+            return None;
+        }
     };
     Some(result.unwrap_or_else(|e| error(e.to_string())))
 }
@@ -212,6 +246,12 @@ impl AdminService {
                     .await
             }
             AdminRequest::Revoke { serial, reason } => self.revoke(serial, reason, admin).await,
+            AdminRequest::AuditCheckpoint => {
+                match crate::audit::checkpoint::make(&store, &self.issuance.ca).await {
+                    Ok(checkpoint) => AdminResponse::Checkpointed { checkpoint },
+                    Err(e) => error(e.to_string()),
+                }
+            }
             _ => error("unexpected request"),
         }
     }

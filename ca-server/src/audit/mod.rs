@@ -2,12 +2,14 @@
 //! caller hears the answer, in SQLite or PostgreSQL; the revoked serials this replica
 //! enforces are kept fresh from the same store.
 
+pub mod checkpoint;
 mod record;
 pub mod revocations;
 mod schema;
 mod store;
 mod writer;
 
+pub use checkpoint::{Checkpoint, CheckpointBody, CheckpointHead};
 pub use record::{Api, AuditRecord, Decision, EncodeError, Outcome, rfc3339_secs};
 pub use revocations::{RevocationView, Stale};
 pub use store::{

@@ -98,7 +98,7 @@ impl RevocationView {
     pub async fn load(&self, store: &AuditStore) -> Result<(), super::AuditError> {
         let started = Instant::now();
         let all = store.revoked_since(0).await?;
-        self.replace(all.into_iter().collect());
+        self.replace(all.into_iter().map(|(s, _)| s).collect());
         self.mark_synced(started);
         Ok(())
     }
@@ -146,28 +146,42 @@ pub async fn keep_fresh(
     }
 }
 
+/// One resync. It only reads, unless a revocation is recent: then it also revokes
+/// what was renewed from it meanwhile. That write contends for SQLite's one write lock
+/// with the group commit, and must not hold up (or make stale) a view that a read
+/// could confirm.
 async fn sync_once(
     store: &AuditStore,
     view: &RevocationView,
     since_us: i64,
     full: bool,
 ) -> Result<(), super::AuditError> {
-    let followed = store
-        .revoke_followers(since_us.max(now_us() - OVERLAP_US))
-        .await?;
-    if followed > 0 {
-        tracing::warn!(
-            followed,
-            "revoked certificates renewed from a revoked one while its revocation committed"
-        );
-    }
-    let serials = store.revoked_since(since_us).await?;
+    let revoked = store.revoked_since(since_us).await?;
+    let recent = now_us() - OVERLAP_US;
+    let any_recent = revoked.iter().any(|(_, t)| *t >= recent);
+    let serials = revoked.into_iter().map(|(s, _)| s);
     if full {
-        view.replace(serials.into_iter().collect());
+        view.replace(serials.collect());
     } else {
         view.insert(serials);
     }
     metrics::gauge!("ca_revoked_serials").set(view.len() as f64);
+    if any_recent {
+        match store.revoke_followers(recent).await {
+            Ok(0) => {}
+            Ok(followed) => {
+                tracing::warn!(
+                    followed,
+                    "revoked certificates renewed from a revoked one while its revocation committed"
+                );
+                let again = store.revoked_since(recent).await?;
+                view.insert(again.into_iter().map(|(s, _)| s));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not revoke certificates renewed from a revoked one; retrying")
+            }
+        }
+    }
     Ok(())
 }
 

@@ -25,13 +25,24 @@ use super::store::{AuditError, Dialect};
 struct Migration {
     version: i64,
     name: &'static str,
-    sql: &'static str,
+    sql: Sql,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "audit chains and records, certificates, revocations, checkpoints",
-    sql: r#"
+/// A migration's text: one for both databases, or (triggers) one for each.
+enum Sql {
+    Both(&'static str),
+    Each {
+        sqlite: &'static str,
+        postgres: &'static str,
+    },
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "audit chains and records, certificates, revocations, checkpoints",
+        sql: Sql::Both(
+            r#"
 CREATE TABLE audit_chains (
     id {id},
     name TEXT NOT NULL UNIQUE,
@@ -94,7 +105,48 @@ CREATE TABLE audit_checkpoints (
 CREATE TABLE store_probe (id {int} PRIMARY KEY, time_us {int} NOT NULL);
 INSERT INTO store_probe (id, time_us) VALUES (1, 0);
 "#,
-}];
+        ),
+    },
+    Migration {
+        version: 2,
+        name: "triggers: an inserted record indexes its certificate and moves its chain's head",
+        sql: Sql::Each {
+            // Per row: SQLite has no statement triggers, and its rows are updated in place.
+            sqlite: r#"
+CREATE TRIGGER audit_records_certificate AFTER INSERT ON audit_records
+WHEN NEW.outcome = 1 AND NEW.serial IS NOT NULL AND NEW.not_after IS NOT NULL
+BEGIN
+    INSERT INTO certificates (serial, not_after, parent, chain_id, seq)
+    VALUES (NEW.serial, NEW.not_after, NEW.client_serial, NEW.chain_id, NEW.seq);
+END;
+CREATE TRIGGER audit_records_head AFTER INSERT ON audit_records
+BEGIN
+    UPDATE audit_chains SET head_seq = NEW.seq, head_hash = NEW.hash
+     WHERE id = NEW.chain_id AND head_seq < NEW.seq;
+END;
+"#,
+            // Per statement: one update of the chain's row however many records, where a
+            // per-row trigger would leave a dead row version behind each record.
+            postgres: r#"
+CREATE FUNCTION audit_records_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO certificates (serial, not_after, parent, chain_id, seq)
+    SELECT serial, not_after, client_serial, chain_id, seq FROM inserted
+     WHERE outcome = 1 AND serial IS NOT NULL AND not_after IS NOT NULL;
+    UPDATE audit_chains c SET head_seq = last.seq, head_hash = last.hash
+      FROM (SELECT DISTINCT ON (chain_id) chain_id, seq, hash FROM inserted
+             ORDER BY chain_id, seq DESC) last
+     WHERE c.id = last.chain_id AND c.head_seq < last.seq;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER audit_records_inserted AFTER INSERT ON audit_records
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_records_inserted();
+"#,
+        },
+    },
+];
 
 /// `sql` in `dialect`'s type names.
 fn render(sql: &str, dialect: Dialect) -> String {
@@ -167,7 +219,12 @@ async fn apply(
     dialect: Dialect,
     m: &Migration,
 ) -> Result<(), AuditError> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(render(m.sql, dialect)))
+    let sql = match (&m.sql, dialect) {
+        (Sql::Both(sql), _) => render(sql, dialect),
+        (Sql::Each { sqlite, .. }, Dialect::Sqlite) => sqlite.to_string(),
+        (Sql::Each { postgres, .. }, Dialect::Postgres) => postgres.to_string(),
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut **tx)
         .await?;
     sqlx::query("INSERT INTO schema_migrations (version, name, applied_us) VALUES ($1, $2, $3)")
