@@ -53,6 +53,10 @@ struct Args {
     /// for the run on this machine (sharing its cores with the server).
     #[arg(long, value_enum, default_value_t = Store::Sqlite)]
     store: Store,
+    /// An extra `ca-server serve` flag (repeatable), e.g.
+    /// `--server-arg=--audit-retention=5m` for a soak with retention in the loop.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -252,12 +256,10 @@ async fn main() {
         Store::Postgres => e2e::postgres::TestStore::postgres(),
     };
     println!("audit store: {}", store.name);
-    let ca = CaProcess::start_bin_with_env(
-        bin,
-        &tmp.path().join("state"),
-        &["--max-ttl", "24h"],
-        &store.env(),
-    );
+    let mut serve_args = vec!["--max-ttl", "24h"];
+    serve_args.extend(args.server_arg.iter().map(String::as_str));
+    let ca =
+        CaProcess::start_bin_with_env(bin, &tmp.path().join("state"), &serve_args, &store.env());
     let pid = ca.pid().expect("server running");
     let (chain, key) = ca.export_bundle("bench", "load", "24h", &tmp.path().join("bundle"));
     let root = ca.root_pem();

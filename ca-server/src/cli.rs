@@ -111,6 +111,9 @@ pub struct ServeArgs {
     /// certificates stay revocable until they expire, whatever the retention).
     #[arg(long, env = "CA_AUDIT_RETENTION", default_value = "90d", value_parser = duration)]
     pub audit_retention: Duration,
+    /// How often retention pruning runs.
+    #[arg(long, env = "CA_AUDIT_PRUNE_INTERVAL", default_value = "1h", value_parser = duration)]
+    pub audit_prune_interval: Duration,
     /// Name of this replica's hash chain in the audit store [default: $POD_NAME or the
     /// host name]. Replicas sharing a name stay correct, but contend for it.
     #[arg(long, env = "CA_AUDIT_CHAIN")]
@@ -221,7 +224,8 @@ pub struct RevokeArgs {
 pub enum AuditCommand {
     /// List decisions, oldest first.
     List {
-        /// Only records whose caller or granted identity is this SPIFFE ID.
+        /// Only records about this identity: the SPIFFE ID a record granted, or the
+        /// caller of a record that granted none.
         #[arg(long)]
         identity: Option<String>,
         /// Only records since this time: RFC 3339, or a duration ago (e.g. 2h).
@@ -388,8 +392,11 @@ pub fn serve_config(
     if a.request_timeout.is_zero() {
         return Err("--request-timeout must be positive".into());
     }
-    if a.audit_retention < Duration::from_secs(3600) {
-        return Err("--audit-retention must be at least 1h".into());
+    if a.audit_retention < Duration::from_secs(60) {
+        return Err("--audit-retention must be at least 1m".into());
+    }
+    if a.audit_prune_interval < Duration::from_secs(1) {
+        return Err("--audit-prune-interval must be at least 1s".into());
     }
     if state_dir.exists() && !state_dir.is_dir() {
         return Err(format!(
@@ -442,6 +449,7 @@ pub fn serve_config(
         serving_cert_ttl: a.serving_cert_ttl,
         request_timeout: a.request_timeout,
         audit_retention: a.audit_retention,
+        audit_prune_interval: a.audit_prune_interval,
         store,
         audit_chain: a
             .audit_chain

@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Audit records older than this are pruned.
     pub audit_retention: Duration,
+    /// How often pruning runs.
+    pub audit_prune_interval: Duration,
     /// Where the audit store is.
     pub store: StoreLocation,
     /// This replica's hash chain in the store.
@@ -280,6 +282,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     let prune_task = tokio::spawn(prune_audit(
         store.clone(),
         cfg.audit_retention,
+        cfg.audit_prune_interval,
         shutdown.clone(),
     ));
     let checkpoint_task = tokio::spawn(checkpoint_audit(
@@ -379,6 +382,7 @@ async fn renew_serving_cert(
 async fn prune_audit(
     store: Arc<AuditStore>,
     retention: Duration,
+    interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -389,7 +393,7 @@ async fn prune_audit(
             Err(e) => tracing::error!(error = %e, "audit retention failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }

@@ -226,6 +226,25 @@ async fn revoking_a_serial_revokes_everything_renewed_from_it() {
         assert_eq!(a.revoke_followers(0).await.unwrap(), 1, "{}", b.name);
         assert!(a.revocation("a4").await.unwrap().is_some());
         assert!(problems(&a).await.is_empty());
+
+        // A bundle renewed for months: the certificates between it and today's leaf
+        // have expired and left the table. Revoking the bundle still reaches the leaf.
+        append(&a, vec![issued("m1", None)]).await;
+        append(&a, vec![issued("m2", Some("m1"))]).await;
+        append(&a, vec![issued("m3", Some("m2"))]).await;
+        append(&a, vec![issued("m4", Some("m3"))]).await;
+        let pool = raw(&b.location).await;
+        sql(
+            &pool,
+            "DELETE FROM certificates WHERE serial IN ('m2', 'm3')",
+        )
+        .await;
+        append(&other, vec![revocation("m1")]).await;
+        assert!(
+            a.revocation("m4").await.unwrap().is_some(),
+            "{}: m4",
+            b.name
+        );
     }
 }
 

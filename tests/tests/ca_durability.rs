@@ -104,3 +104,64 @@ async fn verify_detects_modification_and_deletion() {
         }
     }
 }
+
+/// `audit checkpoint --out` and `audit verify --checkpoint`: a truncation made
+/// consistently in the database (records and head), invisible to the chains alone,
+/// is caught against the checkpoint kept outside, even with the stored ones deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_checkpoint_catches_a_consistent_truncation() {
+    for store in TestStore::both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let mut ca = CaProcess::start_with_env(&state, &["--audit-chain", "ca-0"], &store.env());
+        for i in 0..3 {
+            ca.export_bundle(
+                "vm",
+                &format!("c{i}"),
+                "1h",
+                &tmp.path().join(format!("b{i}")),
+            );
+        }
+        let kept = tmp.path().join("checkpoint.json");
+        let out = ca.cli(&["audit", "checkpoint", "--out", kept.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ca.stop();
+        let (ok, text) = verify_output(&ca);
+        assert!(
+            ok && text.contains("1 signed checkpoints"),
+            "{}: {text}",
+            store.name
+        );
+
+        let db = store.raw(&state).await;
+        let chain = "(SELECT id FROM audit_chains WHERE name = 'ca-0')";
+        execute(
+            &db,
+            &format!("DELETE FROM audit_records WHERE chain_id = {chain} AND seq >= 3"),
+        )
+        .await;
+        execute(
+            &db,
+            &format!(
+                "UPDATE audit_chains SET head_seq = 2, head_hash = (SELECT hash FROM audit_records \
+                 WHERE chain_id = {chain} AND seq = 2) WHERE id = {chain}"
+            ),
+        )
+        .await;
+        execute(&db, "DELETE FROM audit_checkpoints").await;
+        let (ok, text) = verify_output(&ca);
+        assert!(ok, "{}: the chains alone look intact: {text}", store.name);
+        let out = ca.cli(&["audit", "verify", "--checkpoint", kept.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{}: {text}", store.name);
+        assert!(
+            text.contains("the store ends at 2"),
+            "{}: {text}",
+            store.name
+        );
+    }
+}

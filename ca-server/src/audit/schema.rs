@@ -9,7 +9,9 @@
 //! - `audit_records`: every decision, one column each (see [`super::record::Row`]),
 //! - `certificates`: every certificate this CA issued, kept until it expires whatever
 //!   the audit retention, with the serial of the client certificate it was renewed
-//!   from: what `revoke` checks and what revoking follows,
+//!   from (`parent`) and of the first certificate of that line of renewals (`root`,
+//!   typically an exported bundle): what `revoke` checks and what revoking follows.
+//!   The root survives the expiry (and pruning) of the certificates in between,
 //! - `revocations`: revoked serials, kept until the certificate expires,
 //! - `audit_checkpoints`: chain heads signed by the CA,
 //! - `store_probe`: one row the writer updates to learn whether the store accepts
@@ -75,16 +77,17 @@ CREATE TABLE audit_records (
     hash {bytes} NOT NULL
 );
 CREATE UNIQUE INDEX audit_records_chain_seq ON audit_records (chain_id, seq);
-CREATE INDEX audit_records_spiffe_id ON audit_records (spiffe_id) WHERE spiffe_id IS NOT NULL;
-CREATE INDEX audit_records_caller ON audit_records (caller) WHERE caller IS NOT NULL;
+CREATE INDEX audit_records_identity ON audit_records ((COALESCE(spiffe_id, caller)));
 CREATE TABLE certificates (
     serial TEXT PRIMARY KEY,
     not_after {int} NOT NULL,
     parent TEXT,
+    root TEXT,
     chain_id {int} NOT NULL,
     seq {int} NOT NULL
 ){no_rowid};
 CREATE INDEX certificates_parent ON certificates (parent) WHERE parent IS NOT NULL;
+CREATE INDEX certificates_root ON certificates (root) WHERE root IS NOT NULL;
 CREATE TABLE revocations (
     id {id},
     serial TEXT NOT NULL UNIQUE,
@@ -116,8 +119,11 @@ INSERT INTO store_probe (id, time_us) VALUES (1, 0);
 CREATE TRIGGER audit_records_certificate AFTER INSERT ON audit_records
 WHEN NEW.outcome = 1 AND NEW.serial IS NOT NULL AND NEW.not_after IS NOT NULL
 BEGIN
-    INSERT INTO certificates (serial, not_after, parent, chain_id, seq)
-    VALUES (NEW.serial, NEW.not_after, NEW.client_serial, NEW.chain_id, NEW.seq);
+    INSERT INTO certificates (serial, not_after, parent, root, chain_id, seq)
+    VALUES (NEW.serial, NEW.not_after, NEW.client_serial,
+            COALESCE((SELECT COALESCE(p.root, p.serial) FROM certificates p
+                       WHERE p.serial = NEW.client_serial), NEW.client_serial),
+            NEW.chain_id, NEW.seq);
 END;
 CREATE TRIGGER audit_records_head AFTER INSERT ON audit_records
 BEGIN
@@ -130,9 +136,11 @@ END;
             postgres: r#"
 CREATE FUNCTION audit_records_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO certificates (serial, not_after, parent, chain_id, seq)
-    SELECT serial, not_after, client_serial, chain_id, seq FROM inserted
-     WHERE outcome = 1 AND serial IS NOT NULL AND not_after IS NOT NULL;
+    INSERT INTO certificates (serial, not_after, parent, root, chain_id, seq)
+    SELECT i.serial, i.not_after, i.client_serial, COALESCE(p.root, p.serial, i.client_serial),
+           i.chain_id, i.seq
+      FROM inserted i LEFT JOIN certificates p ON p.serial = i.client_serial
+     WHERE i.outcome = 1 AND i.serial IS NOT NULL AND i.not_after IS NOT NULL;
     UPDATE audit_chains c SET head_seq = last.seq, head_hash = last.hash
       FROM (SELECT DISTINCT ON (chain_id) chain_id, seq, hash FROM inserted
              ORDER BY chain_id, seq DESC) last

@@ -280,7 +280,8 @@ pub struct VerifyReport {
 /// Filter for [`AuditStore::list`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListFilter {
-    /// Matches the caller or the granted SPIFFE ID.
+    /// The record's identity: the SPIFFE ID it granted, or, when it granted none, the
+    /// caller.
     pub identity: Option<String>,
     /// Only records at or after this time (RFC 3339).
     pub since: Option<String>,
@@ -413,9 +414,11 @@ fn hash32(v: &[u8]) -> [u8; 32] {
 const FOLLOWED: &str = "renewed from a revoked certificate";
 
 /// Revokes every certificate renewed, directly or not, from `$1`, recording `$1` as
-/// the cause and the admin revocation's record (`$2`, `$3`) as the decision.
+/// the cause and the admin revocation's record (`$2`, `$3`) as the decision. A line of
+/// renewals is followed by `root` too, because the certificates between a bundle and
+/// today's leaf have expired and left the table.
 const REVOKE_DESCENDANTS: &str = "WITH RECURSIVE descendants(serial, not_after, parent) AS (
-        SELECT serial, not_after, parent FROM certificates WHERE parent = $1
+        SELECT serial, not_after, parent FROM certificates WHERE parent = $1 OR root = $1
         UNION
         SELECT c.serial, c.not_after, c.parent FROM certificates c JOIN descendants d ON c.parent = d.serial
     )
@@ -723,7 +726,8 @@ impl AuditStore {
         let result = sqlx::query(
             "WITH RECURSIVE descendants(serial, not_after, parent, chain_id, seq) AS (
                 SELECT c.serial, c.not_after, c.parent, r.chain_id, r.seq
-                  FROM certificates c JOIN revocations r ON c.parent = r.serial
+                  FROM certificates c JOIN revocations r
+                    ON c.parent = r.serial OR c.root = r.serial
                  WHERE r.time_us >= $1
                 UNION
                 SELECT c.serial, c.not_after, c.parent, d.chain_id, d.seq
@@ -869,7 +873,7 @@ impl AuditStore {
             param(&mut sql, " AND r.outcome = $?");
         }
         if filter.identity.is_some() {
-            param(&mut sql, " AND (r.spiffe_id = $? OR r.caller = $?)");
+            param(&mut sql, " AND COALESCE(r.spiffe_id, r.caller) = $?");
         }
         sql.push_str(" ORDER BY r.id DESC");
         if filter.limit > 0 {
