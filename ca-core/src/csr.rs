@@ -2,7 +2,7 @@
 //!
 //! Only the public key leaves this module. Subject, SANs, basic constraints, key usages
 //! and any other requested extension are deliberately ignored: the identity comes from
-//! the authenticated caller (WIRE.md §3).
+//! the authenticated caller (docs/COMPATIBILITY.md).
 
 use der::asn1::{BitStringRef, ObjectIdentifier};
 use der::{Decode, Reader, SliceReader};

@@ -1,4 +1,4 @@
-//! DER of the certificate the CA issues at volume: a SPIFFE leaf (WIRE.md §3).
+//! DER of the certificate the CA issues at volume: a SPIFFE leaf (docs/COMPATIBILITY.md).
 //!
 //! The shape is fixed: empty subject; extensions authority key identifier, subject
 //! alternative name (critical, one URI), key usage (critical), extended key usage

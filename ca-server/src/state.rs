@@ -178,7 +178,7 @@ fn load_plugged(dir: &Path) -> Result<CertificateAuthority, StateError> {
     Ok(ca)
 }
 
-/// Name of the Secret holding the self-signed root (WIRE.md §4).
+/// Name of the Secret holding the self-signed root (docs/COMPATIBILITY.md, "Kubernetes objects").
 pub const ROOT_SECRET: &str = "istio-ca-secret";
 
 fn root_from_secret(

@@ -474,10 +474,11 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
         assert!(problems(&store).await.is_empty());
         // The stored checkpoints are deleted too; the copy kept elsewhere still tells.
         sql(&pool, "DELETE FROM audit_checkpoints").await;
-        let found = checkpoint::verify_all(&store, Some(ca.cert_der()), &[signed.clone()])
-            .await
-            .unwrap()
-            .problems;
+        let found =
+            checkpoint::verify_all(&store, Some(ca.cert_der()), std::slice::from_ref(&signed))
+                .await
+                .unwrap()
+                .problems;
         assert!(
             found
                 .iter()

@@ -1,5 +1,5 @@
 //! Certificates from both APIs, checked by verifiers independent of the code that built
-//! them (OpenSSL and x509-parser), against WIRE.md §3.
+//! them (OpenSSL and x509-parser), against the rules in docs/COMPATIBILITY.md.
 
 use std::path::Path;
 
@@ -7,7 +7,7 @@ use e2e::{CaProcess, hostile_csr, legacy, modern, openssl, openssl_csr};
 use istio_ca_proto::{CsrRequest, IstioCertificateRequest};
 use x509_parser::prelude::*;
 
-/// Checks every SPIFFE X.509-SVID rule of WIRE.md §3 with x509-parser, and the chain
+/// Checks every SPIFFE X.509-SVID rule (docs/COMPATIBILITY.md) with x509-parser, and the chain
 /// with `openssl verify`.
 fn assert_svid(
     dir: &Path,

@@ -1,4 +1,4 @@
-//! The identity-Secret controller (WIRE.md §4).
+//! The identity-Secret controller (docs/COMPATIBILITY.md, "Kubernetes objects").
 //!
 //! Three watchers (kube-runtime, not polling) keep stores of namespaces, service
 //! accounts and Secrets; every event marks the (namespace, service account) pairs it

@@ -1,4 +1,4 @@
-//! GCE instance identity tokens (WIRE.md §6): signature against Google's keys,
+//! GCE instance identity tokens (docs/COMPATIBILITY.md): signature against Google's keys,
 //! issuer, audience, token age, a required project allow-list, optional zone and
 //! instance-age limits, an optional Compute API cross-check, then the mapping from the
 //! instance to a mesh identity.
@@ -28,7 +28,7 @@ use crate::httpclient::HttpClient;
 
 const NAME: &str = "gce-token";
 const GOOGLE_ISSUER: &str = "https://accounts.google.com";
-/// WIRE.md §6: `exp` is at most one hour after `iat`.
+/// Google's tokens: `exp` is at most one hour after `iat`.
 const MAX_LIFETIME: i64 = 3600;
 
 /// The authenticator.
