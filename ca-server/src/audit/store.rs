@@ -32,6 +32,9 @@ pub enum AuditError {
     /// A batch could not be committed; shared by every request of the batch.
     #[error("{0}")]
     Unavailable(Arc<AuditError>),
+    /// The store failed recently and has not accepted a probe write since.
+    #[error("the audit store is failing: {0}")]
+    Failing(String),
     /// The database did not answer in time.
     #[error("the audit store did not answer within {0:?}")]
     Timeout(std::time::Duration),

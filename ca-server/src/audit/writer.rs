@@ -213,12 +213,14 @@ impl WriterState {
 async fn run(state: WriterState, mut rx: mpsc::Receiver<(Append, Reply)>) {
     let mut appends = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
+    let mut next_probe = tokio::time::Instant::now();
     loop {
         let first = if state.health.failure().is_some() {
             tokio::select! {
                 m = rx.recv() => m,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {
+                _ = tokio::time::sleep_until(next_probe) => {
                     state.probe().await;
+                    next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
                     continue;
                 }
             }
@@ -238,6 +240,22 @@ async fn run(state: WriterState, mut rx: mpsc::Receiver<(Append, Reply)>) {
                     replies.push(r);
                 }
                 Err(_) => break,
+            }
+        }
+        // A store known to be failing is probed (at most once a second, also under
+        // steady traffic), not written: queued requests are refused at once instead of
+        // each batch waiting out a commit timeout past the callers' deadlines.
+        if let Some(why) = state.health.failure() {
+            if tokio::time::Instant::now() >= next_probe {
+                state.probe().await;
+                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
+            }
+            if state.health.failure().is_some() {
+                appends.clear();
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(AuditError::Failing(why.clone())));
+                }
+                continue;
             }
         }
         state
