@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::store::{AuditStore, Dialect, StoreLocation, now_us};
+use super::store::{AuditStore, StoreLocation, now_us};
 
 /// PostgreSQL notification channel; the payload is revoked serials, one per line.
 pub const NOTIFY_CHANNEL: &str = "istio_ca_revocations";
@@ -113,9 +113,11 @@ pub async fn keep_fresh(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = match store.location() {
-        StoreLocation::Postgres(url) if store.dialect() == Dialect::Postgres => Some(tokio::spawn(
-            listen(url.clone(), view.clone(), shutdown.clone()),
-        )),
+        StoreLocation::Postgres(url) => Some(tokio::spawn(listen(
+            url.clone(),
+            view.clone(),
+            shutdown.clone(),
+        ))),
         _ => None,
     };
     let mut ticks = 0u32;

@@ -508,16 +508,6 @@ impl AuditStore {
         &self.location
     }
 
-    /// Which database.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    /// The name of the chain this store appends to.
-    pub fn chain_name(&self) -> &str {
-        &self.chain.name
-    }
-
     /// Writes a batch in one transaction and returns once it is durable. Appends that
     /// cannot be encoded fail alone; when the transaction fails, the whole batch does
     /// (the outer error) and nothing of it was recorded.
