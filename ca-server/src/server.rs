@@ -298,10 +298,12 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         "admin_socket": cfg.admin_socket.display().to_string(),
         "pid": std::process::id(),
     });
+    // Ready before announcing the endpoints: whoever reads endpoints.json may ask
+    // /readyz at once.
+    ready.set(None);
     let endpoints_path = cfg.state_dir.join("endpoints.json");
     crate::fsutil::write_atomic(&endpoints_path, endpoints.to_string().as_bytes(), 0o644)
         .map_err(io("endpoints.json"))?;
-    ready.set(None);
     tracing::info!(%grpc_addr, %http_addr, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "ca-server ready");
 
     let mut stop = shutdown.clone();
