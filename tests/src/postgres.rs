@@ -263,15 +263,25 @@ impl TestStore {
     /// A raw connection to the database, for tampering as someone with write access
     /// to it would. `state_dir` locates the SQLite file.
     pub async fn raw(&self, state_dir: &Path) -> sqlx::AnyPool {
-        sqlx::any::install_default_drivers();
-        let url = match &self.url {
-            Some(u) => u.clone(),
-            None => format!("sqlite://{}", state_dir.join("audit.db").display()),
+        let location = match &self.url {
+            Some(u) => ca_server::audit::StoreLocation::Postgres(u.clone()),
+            None => ca_server::audit::StoreLocation::Sqlite(state_dir.join("audit.db")),
         };
-        sqlx::AnyPool::connect(&url)
-            .await
-            .expect("connect to the store")
+        connect(&location).await
     }
+}
+
+/// A raw connection to the database at `location`, past the store's own code: for
+/// tampering as someone with write access to it would.
+pub async fn connect(location: &ca_server::audit::StoreLocation) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = match location {
+        ca_server::audit::StoreLocation::Sqlite(p) => format!("sqlite://{}", p.display()),
+        ca_server::audit::StoreLocation::Postgres(u) => u.clone(),
+    };
+    sqlx::AnyPool::connect(&url)
+        .await
+        .expect("connect to the store")
 }
 
 /// Runs `statement` on `pool`, panicking with it on failure.

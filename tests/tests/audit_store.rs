@@ -8,8 +8,7 @@ use ca_server::audit::{
     Api, Append, AuditStore, AuditWriter, Decision, ListFilter, Outcome, RevocationView, Revoke,
     StoreLocation,
 };
-use e2e::postgres::Postgres;
-use sqlx::Executor;
+use e2e::postgres::{Postgres, connect, execute};
 use time::OffsetDateTime;
 
 /// One backend under test: its location, and what keeps it alive.
@@ -44,23 +43,6 @@ fn postgres() -> Backend {
 
 fn backends() -> [Backend; 2] {
     [sqlite(), postgres()]
-}
-
-/// A raw connection to the backend's database, for tampering as an attacker with
-/// write access would.
-async fn raw(location: &StoreLocation) -> sqlx::AnyPool {
-    sqlx::any::install_default_drivers();
-    let url = match location {
-        StoreLocation::Sqlite(p) => format!("sqlite://{}", p.display()),
-        StoreLocation::Postgres(u) => u.clone(),
-    };
-    sqlx::AnyPool::connect(&url).await.unwrap()
-}
-
-async fn sql(pool: &sqlx::AnyPool, statement: &str) {
-    pool.execute(sqlx::AssertSqlSafe(statement.to_owned()))
-        .await
-        .unwrap_or_else(|e| panic!("{statement}: {e}"));
 }
 
 fn issued(serial: &str, parent: Option<&str>) -> Append {
@@ -172,13 +154,13 @@ async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
         // Opening again migrates nothing and keeps the data.
         let store = AuditStore::open(&b.location, "a").await.unwrap();
         assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 1);
-        let pool = raw(&b.location).await;
+        let pool = connect(&b.location).await;
         let (versions,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM schema_migrations")
             .fetch_one(&pool)
             .await
             .unwrap();
         assert_eq!(versions, 2, "{}", b.name);
-        sql(
+        execute(
             &pool,
             "INSERT INTO schema_migrations (version, name, applied_us) VALUES (999, 'future', 0)",
         )
@@ -233,8 +215,8 @@ async fn revoking_a_serial_revokes_everything_renewed_from_it() {
         append(&a, vec![issued("m2", Some("m1"))]).await;
         append(&a, vec![issued("m3", Some("m2"))]).await;
         append(&a, vec![issued("m4", Some("m3"))]).await;
-        let pool = raw(&b.location).await;
-        sql(
+        let pool = connect(&b.location).await;
+        execute(
             &pool,
             "DELETE FROM certificates WHERE serial IN ('m2', 'm3')",
         )
@@ -342,7 +324,7 @@ async fn verify_finds_edits_deletions_renumbering_and_truncation() {
         }
         append(&other, vec![issued("f1", None)]).await;
         assert!(problems(&store).await.is_empty());
-        let pool = raw(&b.location).await;
+        let pool = connect(&b.location).await;
         let chain = "(SELECT id FROM audit_chains WHERE name = 'r')";
         let cases: Vec<(String, String, &str)> = vec![
             (
@@ -377,23 +359,23 @@ async fn verify_finds_edits_deletions_renumbering_and_truncation() {
             ),
         ];
         for (tamper, undo, expected) in &cases {
-            sql(&pool, tamper).await;
+            execute(&pool, tamper).await;
             let found = problems(&store).await;
             assert!(
                 found.iter().any(|p| p.contains(expected)),
                 "{}: {expected:?} not in {found:?}",
                 b.name
             );
-            sql(&pool, undo).await;
+            execute(&pool, undo).await;
             assert!(problems(&store).await.is_empty(), "{}: {tamper}", b.name);
         }
         // Records moved to a chain that does not exist are reported.
-        sql(
+        execute(
             &pool,
             &format!("UPDATE audit_records SET chain_id = 99 WHERE chain_id = {chain} AND seq = 5"),
         )
         .await;
-        sql(
+        execute(
             &pool,
             &format!("UPDATE audit_chains SET head_seq = 4 WHERE id = {chain}"),
         )
@@ -444,9 +426,9 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
 
         // Someone with write access removes records 4 and 5 and moves the head back:
         // every chain is consistent again, and only the checkpoint tells.
-        let pool = raw(&b.location).await;
-        sql(&pool, "DELETE FROM audit_records WHERE seq >= 4").await;
-        sql(
+        let pool = connect(&b.location).await;
+        execute(&pool, "DELETE FROM audit_records WHERE seq >= 4").await;
+        execute(
             &pool,
             "UPDATE audit_chains SET head_seq = 3, head_hash = (SELECT hash FROM audit_records \
              WHERE audit_records.chain_id = audit_chains.id AND seq = 3) WHERE name = 'r'",
@@ -473,7 +455,7 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
         append(&store, vec![issued("h5", None)]).await;
         assert!(problems(&store).await.is_empty());
         // The stored checkpoints are deleted too; the copy kept elsewhere still tells.
-        sql(&pool, "DELETE FROM audit_checkpoints").await;
+        execute(&pool, "DELETE FROM audit_checkpoints").await;
         let found =
             checkpoint::verify_all(&store, Some(ca.cert_der()), std::slice::from_ref(&signed))
                 .await
