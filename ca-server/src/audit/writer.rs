@@ -72,24 +72,7 @@ impl AuditWriter {
             commits: Arc::new(AtomicU64::new(0)),
             health: AuditHealth::default(),
         };
-        // The writer runs on a thread and runtime of its own. A commit is several round
-        // trips to the database; on the server's runtime each of them waited its turn
-        // behind the request tasks doing TLS and signatures, which made a commit take
-        // ten times its fsync (docs/BENCHMARKS.md, "Audit store").
-        let state = writer.clone_state();
-        let task =
-            tokio::task::spawn_blocking(
-                move || match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .thread_name("audit-writer")
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(run(state, rx)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the audit writer's runtime")
-                    }
-                },
-            );
+        let task = tokio::spawn(run(writer.clone_state(), rx));
         (writer, task)
     }
 
