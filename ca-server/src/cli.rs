@@ -130,7 +130,7 @@ pub struct ServeArgs {
     pub log_format: String,
     /// Accept GCE instance identity tokens, as configured in this TOML file (allowed
     /// projects, mapping rules, optional Compute API cross-check; see
-    /// deploy/gce-auth.example.toml).
+    /// deploy/kubernetes/components/gce/gce-auth.toml).
     #[arg(long, env = "CA_GCE_CONFIG")]
     pub gce_config: Option<PathBuf>,
     /// Accept Kubernetes service-account tokens, checked with TokenReview against the
@@ -198,7 +198,9 @@ pub struct ExportArgs {
     /// Lifetime of the bundle's certificate.
     #[arg(long, default_value = "2160h", value_parser = duration)]
     pub ttl: Duration,
-    /// Output directory (created if missing).
+    /// Output directory (created if missing), or `-` to write the bundle to stdout as a
+    /// tar stream of key.pem, cert-chain.pem and root-cert.pem (for images without a
+    /// shell: `kubectl exec … -- ca-server export-bundle --out - … > bundle.tar`).
     #[arg(long)]
     pub out: PathBuf,
     /// Key type: p256, p384, rsa2048, rsa3072 or rsa4096.
@@ -544,8 +546,9 @@ async fn serve(cfg: ServeConfig) -> ExitCode {
 }
 
 async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
+    let to_stdout = a.out.as_os_str() == "-";
     let key_path = a.out.join("key.pem");
-    if key_path.exists() && !a.force {
+    if !to_stdout && key_path.exists() && !a.force {
         return usage_error(format!(
             "{} exists; use --force to replace it",
             key_path.display()
@@ -580,36 +583,72 @@ async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
             not_after,
             spiffe_id,
         }) => {
-            let write = || -> std::io::Result<()> {
-                std::fs::create_dir_all(&a.out)?;
-                crate::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-                crate::fsutil::write_atomic(
-                    &a.out.join("cert-chain.pem"),
-                    cert_chain_pem.concat().as_bytes(),
-                    0o644,
-                )?;
-                crate::fsutil::write_atomic(
-                    &a.out.join("root-cert.pem"),
-                    root_cert_pem.as_bytes(),
-                    0o644,
+            let key_pem = key.serialize_pem();
+            let chain_pem = cert_chain_pem.concat();
+            let files = [
+                ("key.pem", key_pem.as_bytes(), 0o600),
+                ("cert-chain.pem", chain_pem.as_bytes(), 0o644),
+                ("root-cert.pem", root_cert_pem.as_bytes(), 0o644),
+            ];
+            let (written, where_to) = if to_stdout {
+                (write_bundle_tar(&files), "stdout (tar)".to_owned())
+            } else {
+                (
+                    write_bundle_dir(&a.out, &files),
+                    a.out.display().to_string(),
                 )
             };
-            if let Err(e) = write() {
+            if let Err(e) = written {
                 return runtime_error(format!(
-                    "writing {}: {e} (certificate {serial} was issued and audited)",
-                    a.out.display()
+                    "writing {where_to}: {e} (certificate {serial} was issued and audited)"
                 ));
             }
-            println!(
-                "{spiffe_id} serial {serial} valid until {not_after} written to {}",
-                a.out.display()
+            // With --out - stdout is the bundle; the summary goes to stderr.
+            let summary = format!(
+                "{spiffe_id} serial {serial} valid until {not_after} written to {where_to}"
             );
+            if to_stdout {
+                eprintln!("{summary}");
+            } else {
+                println!("{summary}");
+            }
             ExitCode::SUCCESS
         }
         Ok(AdminResponse::Error { message }) => runtime_error(message),
         Ok(other) => runtime_error(format!("unexpected answer: {other:?}")),
         Err(e) => runtime_error(e),
     }
+}
+
+/// A bundle's files: name, contents, mode.
+type BundleFiles<'a> = [(&'a str, &'a [u8], u32); 3];
+
+fn write_bundle_dir(out: &Path, files: &BundleFiles) -> std::io::Result<()> {
+    std::fs::create_dir_all(out)?;
+    for (name, bytes, mode) in files {
+        crate::fsutil::write_atomic(&out.join(name), bytes, *mode)?;
+    }
+    Ok(())
+}
+
+/// The bundle as a ustar stream on stdout, each file with its mode and the current
+/// time, owned by uid/gid 0 (tar keeps the extracting user's ownership by default).
+fn write_bundle_tar(files: &BundleFiles) -> std::io::Result<()> {
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stdout = std::io::stdout().lock();
+    let mut tar = tar::Builder::new(stdout);
+    for (name, bytes, mode) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(*mode);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, name, *bytes)?;
+    }
+    let mut stdout = tar.into_inner()?;
+    std::io::Write::flush(&mut stdout)
 }
 
 /// Where admin commands go: the running server's socket for revocations (in effect on
