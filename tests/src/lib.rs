@@ -2,6 +2,7 @@
 //! 127.0.0.1 with port 0, talk to it over real TLS, make CSRs and identities.
 #![forbid(unsafe_code)]
 
+pub mod docker;
 pub mod fake_ca;
 pub mod google;
 pub mod kube_api;
@@ -279,17 +280,7 @@ impl CaProcess {
 
     /// Exports a bundle for `ns/sa` into `out` and returns (chain PEM, key PEM).
     pub fn export_bundle(&self, ns: &str, sa: &str, ttl: &str, out: &Path) -> (String, String) {
-        let o = self.cli(&[
-            "export-bundle",
-            "--namespace",
-            ns,
-            "--service-account",
-            sa,
-            "--ttl",
-            ttl,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = self.cli(&export_bundle_args(ns, sa, ttl, out.to_str().unwrap()));
         assert!(
             o.status.success(),
             "export-bundle failed: {}",
@@ -303,40 +294,13 @@ impl CaProcess {
 
     /// Audit records as JSON values (`audit list --json` plus extra filters).
     pub fn audit_records(&self, extra: &[&str]) -> Vec<serde_json::Value> {
-        let mut args = vec!["audit", "list", "--json", "--limit", "0"];
-        args.extend_from_slice(extra);
-        let o = self.cli(&args);
-        assert!(
-            o.status.success(),
-            "audit list failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        audit_records_via(|a| self.cli(a), extra)
     }
 
     /// Asserts that `audit verify` passes and that every serial in `received` has its
     /// issuance record: nothing a client was given went unrecorded.
     pub fn assert_all_recorded(&self, received: &std::collections::BTreeSet<String>) {
-        let verify = self.cli(&["audit", "verify"]);
-        assert!(
-            verify.status.success(),
-            "audit verify: {}",
-            String::from_utf8_lossy(&verify.stdout)
-        );
-        let recorded: std::collections::BTreeSet<String> = self
-            .audit_records(&["--outcome", "issued"])
-            .iter()
-            .filter_map(|r| r["serial"].as_str().map(str::to_owned))
-            .collect();
-        let missing: Vec<_> = received.difference(&recorded).collect();
-        assert!(
-            missing.is_empty(),
-            "{} delivered certificates have no audit record: {missing:?}",
-            missing.len()
-        );
+        assert_all_recorded_via(|a| self.cli(a), received)
     }
 
     /// A gRPC channel over TLS, verifying the server as `istio-ca`, optionally with a
@@ -350,6 +314,72 @@ impl Drop for CaProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `export-bundle` for `ns/sa` with lifetime `ttl` into `out` (a directory, or `-`).
+pub fn export_bundle_args<'a>(
+    ns: &'a str,
+    sa: &'a str,
+    ttl: &'a str,
+    out: &'a str,
+) -> [&'a str; 9] {
+    [
+        "export-bundle",
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--ttl",
+        ttl,
+        "--out",
+        out,
+    ]
+}
+
+/// Audit records as JSON values, from `audit list --json --limit 0` plus `extra` run
+/// by `cli` (a local process, or `docker exec` in a container).
+pub fn audit_records_via(
+    cli: impl Fn(&[&str]) -> Output,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
+    let mut args = vec!["audit", "list", "--json", "--limit", "0"];
+    args.extend_from_slice(extra);
+    let o = cli(&args);
+    assert!(
+        o.status.success(),
+        "audit list failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts, through the admin commands `cli` runs, that `audit verify` passes and that
+/// every serial in `received` has its issuance record.
+pub fn assert_all_recorded_via(
+    cli: impl Fn(&[&str]) -> Output,
+    received: &std::collections::BTreeSet<String>,
+) {
+    let verify = cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let recorded: std::collections::BTreeSet<String> =
+        audit_records_via(&cli, &["--outcome", "issued"])
+            .iter()
+            .filter_map(|r| r["serial"].as_str().map(str::to_owned))
+            .collect();
+    let missing: Vec<_> = received.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} delivered certificates have no audit record: {missing:?}",
+        missing.len()
+    );
 }
 
 /// Runs the `ca-server` CLI against a state directory.
@@ -750,6 +780,21 @@ impl Issuers {
             })
             .collect();
         Issuers { tasks }
+    }
+
+    /// Waits for every client of every group: the serials they received, and the
+    /// errors that stopped them.
+    pub async fn join_all(
+        groups: Vec<Issuers>,
+    ) -> (std::collections::BTreeSet<String>, Vec<tonic::Status>) {
+        let mut received = std::collections::BTreeSet::new();
+        let mut errors = Vec::new();
+        for g in groups {
+            let (serials, e) = g.join().await;
+            received.extend(serials);
+            errors.extend(e);
+        }
+        (received, errors)
     }
 
     /// Waits for every client: the serials they received, and the errors that stopped

@@ -15,6 +15,8 @@ pub struct Postgres {
     child: Option<Child>,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// A further address it listens on, for containers (see [`Postgres::start_for`]).
+    extra: Option<std::net::IpAddr>,
 }
 
 fn bin_dir() -> PathBuf {
@@ -60,6 +62,16 @@ fn command(program: &str) -> Command {
 impl Postgres {
     /// Creates and starts a cluster (`fsync` on: the suites test durability).
     pub fn start() -> Postgres {
+        Self::start_inner(None)
+    }
+
+    /// A cluster that also listens on `host` (the host's address on a private Docker
+    /// network) and lets clients from `subnet` in (CIDR), for containers.
+    pub fn start_for(host: std::net::IpAddr, subnet: &str) -> Postgres {
+        Self::start_inner(Some((host, subnet)))
+    }
+
+    fn start_inner(containers: Option<(std::net::IpAddr, &str)>) -> Postgres {
         let dir = tempfile::Builder::new().prefix("ca-pg-").tempdir().unwrap();
         if is_root() {
             let ok = Command::new("chown")
@@ -89,10 +101,17 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((_, subnet)) = containers {
+            let hba = dir.path().join("data/pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).unwrap();
+            text.push_str(&format!("host all all {subnet} trust\n"));
+            std::fs::write(&hba, text).unwrap();
+        }
         let mut pg = Postgres {
             addr: crate::free_port(),
             dir,
             child: None,
+            extra: containers.map(|(host, _)| host),
         };
         pg.spawn();
         pg
@@ -103,7 +122,10 @@ impl Postgres {
         let child = command("postgres")
             .arg("-D")
             .arg(self.dir.path().join("data"))
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-c",
+                &format!("listen_addresses={}", self.listen_addresses()),
+            ])
             .args(["-c", &format!("port={}", self.addr.port())])
             .args([
                 "-c",
@@ -124,6 +146,13 @@ impl Postgres {
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn listen_addresses(&self) -> String {
+        match self.extra {
+            Some(host) => format!("127.0.0.1,{host}"),
+            None => "127.0.0.1".into(),
         }
     }
 

@@ -136,13 +136,7 @@ async fn a_replica_killed_under_load_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     r.cas[0].kill();
-    let mut received = BTreeSet::new();
-    let mut errors = Vec::new();
-    for l in load {
-        let (serials, e) = l.join().await;
-        received.extend(serials);
-        errors.extend(e);
-    }
+    let (received, errors) = Issuers::join_all(load).await;
     assert!(received.len() >= 100, "only {} issued", received.len());
     // Only the killed replica's clients stopped; the others ran to their bound.
     assert!(
