@@ -354,7 +354,7 @@ async fn jwks_rotation_outage_and_caching() {
 fn example_configuration_is_valid() {
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/gce-auth.example.toml"
+        "/../deploy/kubernetes/components/gce/gce-auth.toml"
     );
     let cfg = ca_server::authn::gce::GceConfig::load(Path::new(example), "cluster.local").unwrap();
     assert_eq!(cfg.allowed_projects, vec!["shop-prod"]);

@@ -1,5 +1,5 @@
 //! The GCE authentication file (`--gce-config`), TOML. Example in
-//! `deploy/gce-auth.example.toml`.
+//! `deploy/kubernetes/components/gce/gce-auth.toml`.
 
 use std::path::Path;
 use std::time::Duration;
