@@ -11,14 +11,17 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::audit::AuditHealth;
+use crate::audit::{AuditHealth, RevocationView};
 
 /// Why the server is not ready; `None` when it is. Ready means started, not shutting
-/// down, and the audit store's last write succeeded (no record, no certificate).
+/// down, the audit store's last write succeeded (no record, no certificate), and the
+/// revocation list is confirmed fresh (otherwise renewals by client certificate are
+/// refused).
 #[derive(Clone, Default)]
 pub struct Readiness {
     reason: Arc<RwLock<Option<String>>>,
     audit: Arc<OnceLock<AuditHealth>>,
+    revocations: Arc<OnceLock<Arc<RevocationView>>>,
 }
 
 impl Readiness {
@@ -27,6 +30,7 @@ impl Readiness {
         Readiness {
             reason: Arc::new(RwLock::new(Some(why.to_owned()))),
             audit: Arc::default(),
+            revocations: Arc::default(),
         }
     }
     /// Sets the reason (or `None` for ready).
@@ -37,17 +41,29 @@ impl Readiness {
     pub fn track_audit(&self, health: AuditHealth) {
         let _ = self.audit.set(health);
     }
+    /// From now on, a revocation list that cannot be confirmed fresh also makes the
+    /// server not ready.
+    pub fn track_revocations(&self, view: Arc<RevocationView>) {
+        let _ = self.revocations.set(view);
+    }
     fn get(&self) -> Option<String> {
         let reason = self
             .reason
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        reason.or_else(|| {
-            self.audit.get()?.failure().map(|why| {
-                format!("the audit store cannot record decisions, so nothing is issued ({why})")
+        reason
+            .or_else(|| {
+                self.audit.get()?.failure().map(|why| {
+                    format!("the audit store cannot record decisions, so nothing is issued ({why})")
+                })
             })
-        })
+            .or_else(|| {
+                let stale = self.revocations.get()?.check_fresh().err()?;
+                Some(format!(
+                    "{stale}, so renewals by client certificate are refused"
+                ))
+            })
     }
 }
 

@@ -153,6 +153,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     ));
     let (audit, audit_task) = AuditWriter::start(store.clone(), revocations.clone());
     ready.track_audit(audit.health());
+    ready.track_revocations(audit.revocations().clone());
     let needs_kube = cfg.kubernetes_audiences.is_some()
         || cfg.secret_controller.is_some()
         || matches!(cfg.ca_source, CaSource::KubernetesSecret { .. });

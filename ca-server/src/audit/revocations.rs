@@ -54,13 +54,19 @@ impl RevocationView {
         }
     }
 
-    /// Whether `serial` is revoked; an error when the view cannot be trusted.
-    pub fn is_revoked(&self, serial: &str) -> Result<bool, Stale> {
+    /// Whether the view can be trusted now: an error when it was not confirmed within
+    /// the allowed staleness.
+    pub fn check_fresh(&self) -> Result<(), Stale> {
         let synced = *self.synced.read().unwrap_or_else(|p| p.into_inner());
         match synced.map(|t| t.elapsed()) {
-            Some(age) if age <= self.max_staleness => {}
-            age => return Err(Stale(age.unwrap_or(Duration::MAX))),
+            Some(age) if age <= self.max_staleness => Ok(()),
+            age => Err(Stale(age.unwrap_or(Duration::MAX))),
         }
+    }
+
+    /// Whether `serial` is revoked; an error when the view cannot be trusted.
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, Stale> {
+        self.check_fresh()?;
         Ok(self
             .serials
             .read()

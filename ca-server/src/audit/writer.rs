@@ -82,6 +82,7 @@ impl AuditWriter {
             revocations: self.revocations.clone(),
             commits: self.commits.clone(),
             health: self.health.clone(),
+            recovering: Arc::default(),
         }
     }
 
@@ -143,6 +144,8 @@ struct WriterState {
     revocations: Arc<RevocationView>,
     commits: Arc<AtomicU64>,
     health: AuditHealth,
+    /// Whether a recovery task is probing the failing store.
+    recovering: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WriterState {
@@ -174,43 +177,50 @@ impl WriterState {
                 for reply in replies {
                     let _ = reply.send(Err(AuditError::Unavailable(e.clone())));
                 }
+                self.start_recovery();
             }
         }
     }
 
-    /// While failing with nothing to write: is the store writable again?
-    async fn probe(&self) {
-        match tokio::time::timeout(COMMIT_TIMEOUT, self.store.probe()).await {
-            Ok(Ok(())) => self.health.set(None),
-            Ok(Err(e)) => self
-                .health
-                .set(Some(format!("{} ({e})", self.store.location().describe()))),
-            Err(_) => self.health.set(Some(format!(
-                "{} (no answer within {COMMIT_TIMEOUT:?})",
-                self.store.location().describe()
-            ))),
+    /// Probes the failing store in a task of its own, once a second, until a probe
+    /// write succeeds: readiness comes back when the cause goes away, with or without
+    /// traffic, and no queued request ever waits on a probe (a probe of a database that
+    /// does not answer takes the whole commit timeout).
+    fn start_recovery(&self) {
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let (store, health, recovering) = (
+            self.store.clone(),
+            self.health.clone(),
+            self.recovering.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                let failure = match tokio::time::timeout(COMMIT_TIMEOUT, store.probe()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{} ({e})", store.location().describe())),
+                    Err(_) => Some(format!(
+                        "{} (no answer within {COMMIT_TIMEOUT:?})",
+                        store.location().describe()
+                    )),
+                };
+                let healthy = failure.is_none();
+                health.set(failure);
+                if healthy {
+                    recovering.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
     }
 }
 
 async fn run(state: WriterState, mut rx: mpsc::Receiver<(Append, Reply)>) {
     let mut appends = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
-    let mut next_probe = tokio::time::Instant::now();
-    loop {
-        let first = if state.health.failure().is_some() {
-            tokio::select! {
-                m = rx.recv() => m,
-                _ = tokio::time::sleep_until(next_probe) => {
-                    state.probe().await;
-                    next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
-                    continue;
-                }
-            }
-        } else {
-            rx.recv().await
-        };
-        let Some((append, reply)) = first else { break };
+    while let Some((append, reply)) = rx.recv().await {
         appends.push(append);
         replies.push(reply);
         // Let handlers that are already running enqueue before we commit: under load
@@ -225,21 +235,15 @@ async fn run(state: WriterState, mut rx: mpsc::Receiver<(Append, Reply)>) {
                 Err(_) => break,
             }
         }
-        // A store known to be failing is probed (at most once a second, also under
-        // steady traffic), not written: queued requests are refused at once instead of
-        // each batch waiting out a commit timeout past the callers' deadlines.
+        // A store known to be failing is not written (the recovery task probes it):
+        // queued requests are refused at once instead of each batch waiting out a
+        // commit timeout past the callers' deadlines.
         if let Some(why) = state.health.failure() {
-            if tokio::time::Instant::now() >= next_probe {
-                state.probe().await;
-                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
+            appends.clear();
+            for reply in replies.drain(..) {
+                let _ = reply.send(Err(AuditError::Failing(why.clone())));
             }
-            if state.health.failure().is_some() {
-                appends.clear();
-                for reply in replies.drain(..) {
-                    let _ = reply.send(Err(AuditError::Failing(why.clone())));
-                }
-                continue;
-            }
+            continue;
         }
         state
             .commit(std::mem::take(&mut appends), std::mem::take(&mut replies))
