@@ -255,7 +255,8 @@ pub enum AuditCommand {
     /// modified, deleted or rewritten.
     Verify {
         /// Also check the store against this checkpoint (a file `audit checkpoint
-        /// --out` wrote and you kept elsewhere); repeatable.
+        /// --out` wrote and you kept elsewhere; `-` reads one from stdin, e.g. through
+        /// `kubectl exec -i`); repeatable.
         #[arg(long)]
         checkpoint: Vec<PathBuf>,
         /// The signing CA's certificate, to check checkpoint signatures [default:
@@ -728,7 +729,12 @@ fn verify_request(
     let checkpoints = files
         .iter()
         .map(|f| {
-            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let text = if f.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(f)
+            }
+            .map_err(|e| format!("{}: {e}", f.display()))?;
             serde_json::from_str(&text)
                 .map_err(|e| format!("{}: not a checkpoint: {e}", f.display()))
         })

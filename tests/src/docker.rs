@@ -94,6 +94,22 @@ impl Container {
         docker_output(&all)
     }
 
+    /// `docker exec -i NAME args…` with `input` on the command's stdin.
+    pub fn exec_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = Command::new("docker")
+            .args(["exec", "-i", self.name.as_str()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the docker CLI runs");
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, input).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    }
+
     /// A `ca-server` admin command run in the container.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut all = vec!["ca-server"];

@@ -193,6 +193,30 @@ fn the_image_runs_as_the_pod_runs_it() {
     );
     let piped = std::fs::read_to_string(dir.path().join("cert-chain.pem")).unwrap();
     assert_eq!(spiffe_of(&piped), "spiffe://cluster.local/ns/vm/sa/piped");
+    // A checkpoint signed in the container, kept outside, checked through stdin.
+    let cp = ca.cli(&["audit", "checkpoint"]);
+    assert!(
+        cp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cp.stderr)
+    );
+    let verify = ca.exec_with_stdin(
+        &["ca-server", "audit", "verify", "--checkpoint", "-"],
+        &cp.stdout,
+    );
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let mut forged = String::from_utf8_lossy(&cp.stdout).replace("\"seq\":", "\"seq\":1");
+    forged.push('\n');
+    let refused = ca.exec_with_stdin(
+        &["ca-server", "audit", "verify", "--checkpoint", "-"],
+        forged.as_bytes(),
+    );
+    assert!(!refused.status.success(), "a forged checkpoint passed");
     // The docs' audit query, in the image's environment (no --state-dir).
     let recent = ca.cli(&["audit", "list", "--since", "10m"]);
     assert!(recent.status.success());
