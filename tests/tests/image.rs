@@ -210,8 +210,12 @@ fn the_image_runs_as_the_pod_runs_it() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    let mut forged = String::from_utf8_lossy(&cp.stdout).replace("\"seq\":", "\"seq\":1");
-    forged.push('\n');
+    // The same checkpoint with its signature altered.
+    let mut forged: serde_json::Value = serde_json::from_slice(&cp.stdout).unwrap();
+    let signature = forged["signature"].as_str().unwrap().to_owned();
+    let flipped = if signature.starts_with('0') { "1" } else { "0" };
+    forged["signature"] = format!("{flipped}{}", &signature[1..]).into();
+    let forged = forged.to_string();
     let refused = ca.exec_with_stdin(
         &["ca-server", "audit", "verify", "--checkpoint", "-"],
         forged.as_bytes(),
