@@ -29,7 +29,7 @@ impl Connection {
         chain_pem: &str,
         key_pem: &str,
     ) -> Result<Connection, String> {
-        let send = e2e::h2_connect(addr, root_pem, chain_pem, key_pem).await?;
+        let send = e2e::h2_connect(addr, root_pem, Some((chain_pem, key_pem))).await?;
         let uri = format!(
             "https://istio-ca{}",
             istio_ca_proto::CREATE_CERTIFICATE_PATH

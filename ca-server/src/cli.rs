@@ -93,6 +93,12 @@ pub struct ServeArgs {
     /// cert-chain.pem and root-cert.pem (Istio's cacerts layout).
     #[arg(long, env = "CA_PLUGGED_CA_DIR")]
     pub plugged_ca_dir: Option<PathBuf>,
+    /// Client certificates renew only if this CA's signing certificate issued them
+    /// (under a plugged-in CA, the operator's other intermediates do not count). This
+    /// PEM file adds the previous signing certificates whose leaves may still renew,
+    /// after the intermediate was rotated.
+    #[arg(long, env = "CA_PREVIOUS_SIGNING_CERTS")]
+    pub previous_signing_certs: Option<PathBuf>,
     /// Names in the CA's own serving certificate (comma-separated; IPs allowed).
     #[arg(
         long,
@@ -104,6 +110,36 @@ pub struct ServeArgs {
     /// Lifetime of the serving certificate (renewed at half-life).
     #[arg(long, env = "CA_SERVING_CERT_TTL", default_value = "24h", value_parser = duration)]
     pub serving_cert_ttl: Duration,
+    /// Open gRPC connections at most; more are closed at once (counted in
+    /// ca_connections_refused_total).
+    #[arg(long, env = "CA_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+    /// Open gRPC connections at most from one peer address (behind a load balancer that
+    /// hides client addresses, every client shares the balancer's few).
+    #[arg(long, env = "CA_MAX_CONNECTIONS_PER_PEER", default_value_t = 1_000)]
+    pub max_connections_per_peer: usize,
+    /// Calls in flight at most, over all connections; more are answered UNAVAILABLE
+    /// before any work (counted in ca_calls_shed_total).
+    #[arg(long, env = "CA_MAX_CONCURRENT_CALLS", default_value_t = 512)]
+    pub max_concurrent_calls: usize,
+    /// Concurrent calls one connection may have open (HTTP/2 max concurrent streams).
+    #[arg(long, env = "CA_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: u32,
+    /// Largest request header block, in bytes.
+    #[arg(long, env = "CA_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: u32,
+    /// Time for a connection's TLS and HTTP/2 handshakes together.
+    #[arg(long, env = "CA_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// A connection with no call for this long is closed.
+    #[arg(long, env = "CA_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub connection_idle_timeout: Duration,
+    /// How often each connection is pinged (HTTP/2 PING)...
+    #[arg(long, env = "CA_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+    /// ...and how long a ping may go unanswered before the connection is cut off.
+    #[arg(long, env = "CA_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
     /// Deadline for one gRPC request; a client's `grpc-timeout` can only shorten it.
     #[arg(long, env = "CA_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_timeout: Duration,
@@ -125,6 +161,12 @@ pub struct ServeArgs {
     /// not be confirmed against the store for this long.
     #[arg(long, env = "CA_REVOCATION_MAX_STALENESS", default_value = "2s", value_parser = duration)]
     pub revocation_max_staleness: Duration,
+    /// Denials of callers that did not authenticate (bad tokens, unknown certificates,
+    /// malformed requests): the first per peer address, API and reason in each window
+    /// is recorded, identical ones after it are counted into one summary record when
+    /// the window closes. 0s records every one.
+    #[arg(long, env = "CA_DENIAL_AGGREGATION_WINDOW", default_value = "10s", value_parser = duration)]
+    pub denial_aggregation_window: Duration,
     /// Log format: text or json.
     #[arg(long, env = "CA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -145,6 +187,16 @@ pub struct ServeArgs {
         default_value = "istio-ca"
     )]
     pub token_audiences: Vec<String>,
+    /// TokenReviews a second, at most, for tokens not in the cache (a flood of bogus
+    /// tokens costs the API server no more); over it, UNAVAILABLE.
+    #[arg(long, env = "CA_TOKEN_REVIEW_RATE", default_value_t = 50.0)]
+    pub token_review_rate: f64,
+    /// TokenReviews that may be sent at once before --token-review-rate applies.
+    #[arg(long, env = "CA_TOKEN_REVIEW_BURST", default_value_t = 200)]
+    pub token_review_burst: u32,
+    /// TokenReview answers cached (least recently used out first).
+    #[arg(long, env = "CA_TOKEN_REVIEW_CACHE", default_value_t = 65_536)]
+    pub token_review_cache: usize,
     /// Keep the self-signed root in Secret istio-ca-secret of --ca-namespace (shared by
     /// every replica) instead of the state directory. --plugged-ca-dir still wins.
     #[arg(long, env = "CA_ROOT_IN_SECRET")]
@@ -198,7 +250,8 @@ pub struct ExportArgs {
     /// Lifetime of the bundle's certificate.
     #[arg(long, default_value = "2160h", value_parser = duration)]
     pub ttl: Duration,
-    /// Output directory (created if missing), or `-` to write the bundle to stdout as a
+    /// Output directory: created (0700) if missing; an existing one must be this user's
+    /// and hold nothing but a bundle. Or `-` to write the bundle to stdout as a
     /// tar stream of key.pem, cert-chain.pem and root-cert.pem (for images without a
     /// shell: `kubectl exec … -- ca-server export-bundle --out - … > bundle.tar`).
     #[arg(long)]
@@ -206,7 +259,7 @@ pub struct ExportArgs {
     /// Key type: p256, p384, rsa2048, rsa3072 or rsa4096.
     #[arg(long, default_value = "p256", value_parser = KeyAlgorithm::parse)]
     pub key_type: KeyAlgorithm,
-    /// Overwrite an existing key.pem in --out.
+    /// Replace the bundle already in --out.
     #[arg(long)]
     pub force: bool,
 }
@@ -459,9 +512,38 @@ pub fn serve_config(
             .clone()
             .unwrap_or_else(crate::kubernetes::leader::host_name),
         revocation_max_staleness: a.revocation_max_staleness,
+        denial_aggregation_window: a.denial_aggregation_window,
+        limits: crate::grpc::limits::Limits {
+            max_connections: a.max_connections.max(1),
+            max_connections_per_peer: a.max_connections_per_peer.max(1),
+            max_concurrent_calls: a.max_concurrent_calls.max(1),
+            max_streams_per_connection: a.max_streams_per_connection.max(1),
+            max_header_bytes: a.max_header_bytes.max(1024),
+            handshake_timeout: a.handshake_timeout.max(Duration::from_millis(100)),
+            idle_timeout: a.connection_idle_timeout.max(Duration::from_millis(100)),
+            keepalive_interval: a.keepalive_interval.max(Duration::from_millis(100)),
+            keepalive_timeout: a.keepalive_timeout.max(Duration::from_millis(100)),
+        },
+        previous_signing_certs: match &a.previous_signing_certs {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("--previous-signing-certs {}: {e}", path.display()))?;
+                ca_core::pem::parse_certificates(&pem)
+                    .map_err(|e| format!("--previous-signing-certs {}: {e}", path.display()))?
+                    .into_iter()
+                    .map(|c| c.to_vec())
+                    .collect()
+            }
+        },
         audit_checkpoint_interval: a.audit_checkpoint_interval.max(Duration::from_secs(1)),
         admin_socket: admin_socket.to_owned(),
         kubernetes_audiences: a.kubernetes_token_auth.then(|| a.token_audiences.clone()),
+        token_review_limits: crate::authn::kubernetes::ReviewLimits {
+            cache_entries: a.token_review_cache.max(1),
+            rate: a.token_review_rate.max(0.0),
+            burst: a.token_review_burst.max(1),
+        },
         leader_election: (a.secret_controller && a.leader_elect).then(|| {
             (
                 a.leader_identity
@@ -548,12 +630,8 @@ async fn serve(cfg: ServeConfig) -> ExitCode {
 
 async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
     let to_stdout = a.out.as_os_str() == "-";
-    let key_path = a.out.join("key.pem");
-    if !to_stdout && key_path.exists() && !a.force {
-        return usage_error(format!(
-            "{} exists; use --force to replace it",
-            key_path.display()
-        ));
+    if !to_stdout && let Err(e) = prepare_out_dir(&a.out, a.force) {
+        return usage_error(e);
     }
     let key = match a.key_type.generate() {
         Ok(k) => k,
@@ -587,9 +665,9 @@ async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
             let key_pem = key.serialize_pem();
             let chain_pem = cert_chain_pem.concat();
             let files = [
-                ("key.pem", key_pem.as_bytes(), 0o600),
-                ("cert-chain.pem", chain_pem.as_bytes(), 0o644),
-                ("root-cert.pem", root_cert_pem.as_bytes(), 0o644),
+                (BUNDLE_FILES[0], key_pem.as_bytes(), 0o600),
+                (BUNDLE_FILES[1], chain_pem.as_bytes(), 0o644),
+                (BUNDLE_FILES[2], root_cert_pem.as_bytes(), 0o644),
             ];
             let (written, where_to) = if to_stdout {
                 (write_bundle_tar(&files), "stdout (tar)".to_owned())
@@ -624,8 +702,59 @@ async fn export_bundle(admin_socket: &Path, a: ExportArgs) -> ExitCode {
 /// A bundle's files: name, contents, mode.
 type BundleFiles<'a> = [(&'a str, &'a [u8], u32); 3];
 
+const BUNDLE_FILES: [&str; 3] = ["key.pem", "cert-chain.pem", "root-cert.pem"];
+
+/// Makes `out` (mode 0700) or checks that an existing one is a directory of this
+/// user's holding nothing but a bundle, so that the key cannot be steered into another
+/// user's file; an existing key.pem is replaced only with `force`.
+fn prepare_out_dir(out: &Path, force: bool) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let shown = out.display();
+    let meta = match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| format!("--out {shown}: {e}"))?;
+            }
+            return std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(out)
+                .map_err(|e| format!("--out {shown}: {e}"));
+        }
+        Err(e) => return Err(format!("--out {shown}: {e}")),
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_dir() {
+        return Err(format!(
+            "--out {shown} exists and is not a directory (a symlink is not accepted)"
+        ));
+    }
+    let uid = crate::fsutil::current_uid().map_err(|e| e.to_string())?;
+    if meta.uid() != uid {
+        return Err(format!(
+            "--out {shown} belongs to uid {}, not to this user ({uid}); give a new directory",
+            meta.uid()
+        ));
+    }
+    let entries = std::fs::read_dir(out).map_err(|e| format!("--out {shown}: {e}"))?;
+    for entry in entries {
+        let name = entry.map_err(|e| e.to_string())?.file_name();
+        let name = name.to_string_lossy();
+        if !BUNDLE_FILES.contains(&name.as_ref()) {
+            return Err(format!(
+                "--out {shown} holds {name}, which is not part of a bundle; give an empty or new directory"
+            ));
+        }
+        if name == "key.pem" && !force {
+            return Err(format!(
+                "{} exists; use --force to replace it",
+                out.join("key.pem").display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn write_bundle_dir(out: &Path, files: &BundleFiles) -> std::io::Result<()> {
-    std::fs::create_dir_all(out)?;
     for (name, bytes, mode) in files {
         crate::fsutil::write_atomic(&out.join(name), bytes, *mode)?;
     }

@@ -10,8 +10,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tonic::{Code, Status};
 
-use crate::audit::{Api, AuditWriter, Decision, Outcome};
+use crate::audit::{Api, AuditWriter, Decision, MAX_ATTACKER_TEXT, Outcome, bounded};
 use crate::authn::{AuthChain, AuthFailure, Caller, CallerContext};
+use crate::denials::Admit;
 
 /// A certificate that was issued and durably recorded.
 #[derive(Debug)]
@@ -51,6 +52,8 @@ pub struct Issuance {
     pub audit: AuditWriter,
     /// Metric handles of the issued path, resolved once.
     pub issued_metrics: IssuedMetrics,
+    /// Windows of unauthenticated callers' repeated denials.
+    pub denials: crate::denials::DenialAggregator,
 }
 
 fn issue_code(e: &IssueError) -> Code {
@@ -83,6 +86,36 @@ pub fn issued_decision(
         not_after: Some(rfc3339(facts.not_after)),
         spki_sha256: Some(issued.spki_sha256.clone()),
         cert_sha256: Some(issued.cert_sha256.clone()),
+        ..base
+    }
+}
+
+/// `base` with who the authenticated caller is.
+pub fn caller_decision(base: Decision, caller: &Caller) -> Decision {
+    Decision {
+        authenticator: Some(caller.authenticator.into()),
+        client_serial: caller.client_serial.clone(),
+        caller: Some(
+            caller
+                .principal
+                .clone()
+                .unwrap_or_else(|| caller.identity.to_string()),
+        ),
+        ..base
+    }
+}
+
+/// A denial's record on top of `base`, with every text a caller may have chosen cut to
+/// [`MAX_ATTACKER_TEXT`]: a request cannot make its record, or the log line, large.
+fn denial(base: Decision, reason: &'static str, detail: &str) -> Decision {
+    Decision {
+        outcome: Some(Outcome::Denied),
+        reason: Some(reason.into()),
+        detail: Some(bounded(detail, MAX_ATTACKER_TEXT)),
+        caller: base
+            .caller
+            .as_deref()
+            .map(|c| bounded(c, MAX_ATTACKER_TEXT)),
         ..base
     }
 }
@@ -128,20 +161,12 @@ impl Issuance {
                     Code::Unavailable => format!("cannot authenticate right now ({reason})"),
                     _ => format!("authentication failed ({reason})"),
                 };
-                return Err(self.deny(d, code, reason, detail, msg).await);
+                return Err(self
+                    .deny_unauthenticated(d, code, reason, detail, msg)
+                    .await);
             }
         };
-        let base = Decision {
-            authenticator: Some(caller.authenticator.into()),
-            client_serial: caller.client_serial.clone(),
-            caller: Some(
-                caller
-                    .principal
-                    .clone()
-                    .unwrap_or_else(|| caller.identity.to_string()),
-            ),
-            ..base
-        };
+        let base = caller_decision(base, &caller);
         if let Some(r) = refusal {
             return Err(self
                 .deny(base, r.code, r.reason, r.message.clone(), r.message)
@@ -227,21 +252,62 @@ impl Issuance {
         detail: String,
         message: String,
     ) -> Status {
-        let api = base.api.map(|a| a.as_str()).unwrap_or("unknown");
-        let authenticator = base.authenticator.clone().unwrap_or_else(|| "none".into());
-        tracing::warn!(api, reason, %detail, peer = ?base.peer, caller = ?base.caller, "denied");
-        let decision = Decision {
-            outcome: Some(Outcome::Denied),
-            reason: Some(reason.into()),
-            detail: Some(detail),
-            ..base
-        };
+        self.record_denial(denial(base, reason, &detail), code, reason, &message)
+            .await
+    }
+
+    /// Denies a caller that did not authenticate: the first identical denial of a
+    /// window is recorded, the rest are counted into its summary
+    /// ([`crate::denials`]), so that a flood costs the store a record per window.
+    pub async fn deny_unauthenticated(
+        &self,
+        base: Decision,
+        code: Code,
+        reason: &'static str,
+        detail: String,
+        message: String,
+    ) -> Status {
+        let decision = denial(base, reason, &detail);
+        match self.denials.admit(&decision, reason, Instant::now()) {
+            Admit::Record => self.record_denial(decision, code, reason, &message).await,
+            Admit::Counted => {
+                let api = decision.api.map(|a| a.as_str()).unwrap_or("unknown");
+                let authenticator = decision.authenticator.unwrap_or_else(|| "none".into());
+                count(api, "denied", authenticator, reason);
+                Status::new(code, bounded(&message, MAX_ATTACKER_TEXT))
+            }
+        }
+    }
+
+    /// Records the summaries of the denial windows that closed (all of them with
+    /// `everything`, when the server stops).
+    pub async fn flush_denials(&self, everything: bool) {
+        for summary in self.denials.take_closed(Instant::now(), everything) {
+            if let Err(e) = self.audit.record(summary).await {
+                tracing::error!(error = %e, "could not record a summary of denials");
+            }
+        }
+    }
+
+    async fn record_denial(
+        &self,
+        decision: Decision,
+        code: Code,
+        reason: &'static str,
+        message: &str,
+    ) -> Status {
+        let api = decision.api.map(|a| a.as_str()).unwrap_or("unknown");
+        let authenticator = decision
+            .authenticator
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        tracing::warn!(api, reason, detail = ?decision.detail, peer = ?decision.peer, caller = ?decision.caller, "denied");
         count(api, "denied", authenticator, reason);
         if let Err(e) = self.audit.record(decision).await {
             tracing::error!(error = %e, "could not record a denial");
             return Status::unavailable("the CA cannot record decisions right now");
         }
-        Status::new(code, message)
+        Status::new(code, bounded(message, MAX_ATTACKER_TEXT))
     }
 
     /// The identity an admin export is for.

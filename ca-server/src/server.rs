@@ -54,6 +54,12 @@ pub struct ServeConfig {
     pub audit_chain: String,
     /// Renewals are refused when the revocation list is older than this.
     pub revocation_max_staleness: Duration,
+    /// Connections, calls, handshakes, idle connections.
+    pub limits: crate::grpc::limits::Limits,
+    /// Earlier signing certificates (DER) whose leaves may still renew.
+    pub previous_signing_certs: Vec<Vec<u8>>,
+    /// Window of aggregated unauthenticated denials (zero: record each).
+    pub denial_aggregation_window: Duration,
     /// How often the chains' heads are signed.
     pub audit_checkpoint_interval: Duration,
     /// Admin socket path.
@@ -62,6 +68,8 @@ pub struct ServeConfig {
     pub gce: Option<crate::authn::gce::GceConfig>,
     /// Kubernetes TokenReview authentication with these audiences, when enabled.
     pub kubernetes_audiences: Option<Vec<String>>,
+    /// Cache and rate of TokenReviews.
+    pub token_review_limits: crate::authn::kubernetes::ReviewLimits,
     /// The identity-Secret controller, when enabled.
     pub secret_controller: Option<crate::kubernetes::ControllerConfig>,
     /// Leader election (identity, lease duration) for the controllers; `None` runs
@@ -212,8 +220,16 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     )
     .map_err(|e| ServeError::Io(format!("TLS configuration: {e}")))?;
 
+    // Leaves renew only if this CA signed them: with its roots when it is its own root,
+    // with its intermediate when plugged in under an operator's root.
+    let mut issuers = if ca.signer_is_root() {
+        ca.roots().to_vec()
+    } else {
+        vec![ca.cert_der().to_vec()]
+    };
+    issuers.extend(cfg.previous_signing_certs.iter().cloned());
     let client_cert =
-        ClientCertAuthenticator::new(ca.roots(), &cfg.trust_domain, revocations.clone())
+        ClientCertAuthenticator::new(ca.roots(), &issuers, &cfg.trust_domain, revocations.clone())
             .map_err(ServeError::Io)?;
     let mut authn = AuthChain::default().with(Arc::new(client_cert));
     if let (Some(audiences), Some(client)) = (&cfg.kubernetes_audiences, kube_client.clone()) {
@@ -223,6 +239,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
                 audiences.clone(),
                 &cfg.trust_domain,
                 cfg.gce.is_none(),
+                &cfg.token_review_limits,
             ),
         ));
     }
@@ -240,7 +257,9 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         authn,
         audit: audit.clone(),
         issued_metrics: Default::default(),
+        denials: crate::denials::DenialAggregator::new(cfg.denial_aggregation_window),
     });
+    let denials_task = tokio::spawn(flush_denials(issuance.clone(), shutdown.clone()));
 
     let grpc_listener = TcpListener::bind(cfg.grpc_addr)
         .await
@@ -258,6 +277,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         tls_config,
         CaService::new(issuance.clone()),
         cfg.request_timeout,
+        cfg.limits.clone(),
         shutdown.clone(),
     ));
     let renew_task = tokio::spawn(renew_serving_cert(
@@ -315,6 +335,9 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         let _ = grpc_task.await;
         let _ = admin_task.await;
         let _ = http_task.await;
+        // No call is left to be denied: every open window's count is recorded.
+        let _ = denials_task.await;
+        issuance.flush_denials(true).await;
         renew_task.abort();
         prune_task.abort();
         checkpoint_task.abort();
@@ -325,6 +348,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         drop(issuance);
         drop(audit);
         let _ = audit_task.await;
+        store.close().await;
     };
     if tokio::time::timeout(Duration::from_secs(15), drain)
         .await
@@ -399,6 +423,18 @@ async fn prune_audit(
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Records the summaries of aggregated denials as their windows close.
+async fn flush_denials(issuance: Arc<Issuance>, mut shutdown: watch::Receiver<bool>) {
+    let every = (issuance.denials.window() / 4).max(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        issuance.flush_denials(false).await;
     }
 }
 

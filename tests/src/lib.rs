@@ -413,14 +413,13 @@ pub async fn channel(addr: SocketAddr, root_pem: &str, client: Option<(&str, &st
 }
 
 /// An HTTP/2 connection over TLS on the `h2` crate alone, verifying the server as
-/// `istio-ca` and presenting a client certificate. For callers that build gRPC requests
+/// `istio-ca`, presenting a client certificate (chain, key) when given. For callers that build gRPC requests
 /// by hand: wire-level tests, and the load tool, which must cost the server's machine
 /// as little as possible.
 pub async fn h2_connect(
     addr: SocketAddr,
     root_pem: &str,
-    chain_pem: &str,
-    key_pem: &str,
+    client: Option<(&str, &str)>,
 ) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -431,18 +430,25 @@ pub async fn h2_connect(
             .add(cert.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .map_err(|e| e.to_string())?;
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some((chain_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let key =
+                PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -818,6 +824,8 @@ pub struct PluggedCa {
     pub root_pem: String,
     /// PEM of the intermediate the CA signs with.
     pub intermediate_pem: String,
+    /// PEM of the root's key (the operator's, for minting other intermediates).
+    root_key_pem: String,
 }
 
 impl PluggedCa {
@@ -856,6 +864,41 @@ impl PluggedCa {
         PluggedCa {
             root_pem,
             intermediate_pem,
+            root_key_pem: root_key.serialize_pem(),
         }
+    }
+
+    /// A client certificate for `spiffe_id` from another intermediate under the same
+    /// root, named like the CA's own: (chain PEM leaf first, key PEM).
+    pub fn sibling_leaf(&self, spiffe_id: &str) -> (String, String) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            SanType,
+        };
+        let root_key = KeyPair::from_pem(&self.root_key_pem).unwrap();
+        let root = Issuer::from_ca_cert_pem(&self.root_pem, root_key).unwrap();
+        let mut int_params = CertificateParams::default();
+        int_params
+            .distinguished_name
+            .push(DnType::CommonName, "Cluster Intermediate");
+        int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let int_key = KeyPair::generate().unwrap();
+        let int = int_params.signed_by(&int_key, &root).unwrap();
+        let mut leaf_params = CertificateParams::default();
+        leaf_params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf_params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &Issuer::from_params(&int_params, &int_key))
+            .unwrap();
+        (
+            format!("{}{}", leaf.pem(), int.pem()),
+            leaf_key.serialize_pem(),
+        )
     }
 }

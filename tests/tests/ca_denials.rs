@@ -120,7 +120,7 @@ async fn bad_input_matrix() {
     expect_denied(
         &ca,
         modern(&good).create_certificate(req(huge, 0)),
-        Code::OutOfRange,
+        Code::ResourceExhausted,
         "request_too_large",
     )
     .await;

@@ -74,7 +74,12 @@ async fn gce_tokens_are_checked_completely() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Google::start(Instance::running("shop-prod", "us-central1-a", "mysql-1")).await;
     let cfg = config(tmp.path(), &g, "0s", true);
-    let ca = CaProcess::start(&tmp.path().join("state"), &["--gce-config", &cfg]);
+    // Every refusal below is checked for its own record: no aggregation of repeats
+    // (which ca_hostile tests).
+    let ca = CaProcess::start(
+        &tmp.path().join("state"),
+        &["--gce-config", &cfg, "--denial-aggregation-window", "0s"],
+    );
     let ch = ca.channel(None).await;
 
     // Happy path, both APIs: the identity comes from the mapping rule.

@@ -128,7 +128,7 @@ async fn open_call(
 async fn connect(ca: &CaProcess, dir: &std::path::Path) -> SendRequest<Bytes> {
     let (chain, key) = ca.export_bundle("vm", "wire", "1h", dir);
     e2e::install_crypto();
-    e2e::h2_connect(ca.grpc, &ca.root_pem(), &chain, &key)
+    e2e::h2_connect(ca.grpc, &ca.root_pem(), Some((&chain, &key)))
         .await
         .expect("connect")
 }

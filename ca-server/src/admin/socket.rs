@@ -11,6 +11,26 @@ use super::{AdminRequest, AdminResponse, AdminService};
 
 const MAX_LINE: u64 = 1024 * 1024;
 
+/// Binds a listening socket at `path` that is never reachable with a wider mode than
+/// 0600: it is bound in a new directory of mode 0700, narrowed, then renamed into
+/// place (no process-wide umask change, which would race the server's other files).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".admin-socket.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let bound = (|| {
+        let inner = staging.join("s");
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
 /// Binds `path` (mode 0600) and serves until `shutdown`.
 pub async fn serve_socket(
     path: PathBuf,
@@ -27,8 +47,7 @@ pub async fn serve_socket(
         }
         std::fs::remove_file(&path)?;
     }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(&path)?;
     Ok(tokio::spawn(async move {
         loop {
             let stream = tokio::select! {

@@ -10,7 +10,9 @@ mod store;
 mod writer;
 
 pub use checkpoint::{Checkpoint, CheckpointBody, CheckpointHead};
-pub use record::{Api, AuditRecord, Decision, EncodeError, Outcome, rfc3339_secs};
+pub use record::{
+    Api, AuditRecord, Decision, EncodeError, MAX_ATTACKER_TEXT, Outcome, bounded, rfc3339_secs,
+};
 pub use revocations::{RevocationView, Stale};
 pub use store::{
     Append, Appended, AuditError, AuditStore, ChainHead, Dialect, IssuedCertificate, ListFilter,

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 /// Which entry point a decision came through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Api {
     /// `IstioCertificateService/CreateCertificate`.
@@ -463,5 +463,34 @@ mod tests {
         let mut d = issued();
         d.cert_sha256 = Some("abc".into());
         assert!(Row::encode(&d, 1, 1).is_err());
+    }
+}
+
+/// Longest text a caller can place in a record or a log line (a header, a claim, a
+/// name from a certificate), in bytes.
+pub const MAX_ATTACKER_TEXT: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying how long it was.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::bounded;
+
+    #[test]
+    fn long_text_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short", 8), "short");
+        assert_eq!(bounded("abcdefghij", 4), "abcd… (10 bytes)");
+        // 'é' is two bytes: a cut inside it moves back.
+        assert_eq!(bounded("aéé", 2), "a… (5 bytes)");
     }
 }

@@ -311,6 +311,15 @@ pub struct AuditStore {
     head: std::sync::Mutex<Option<(i64, [u8; 32])>>,
 }
 
+impl AuditStore {
+    /// Closes every connection, waiting for those in use: SQLite then checkpoints its
+    /// write-ahead log into the database and removes it, so a stopped server leaves
+    /// one file behind.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
 /// Current time in unix microseconds.
 pub fn now_us() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64

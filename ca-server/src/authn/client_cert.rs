@@ -1,4 +1,6 @@
-//! Client certificates issued by this CA: chain to a current root, within validity, not
+//! Client certificates issued by this CA: chain to a current root, signed by this CA's
+//! own signing certificate (with a plugged-in CA, the operator's root also signs other
+//! intermediates, whose certificates are not ours to renew), within validity, not
 //! revoked; the identity is the certificate's SPIFFE URI SAN.
 //!
 //! The TLS layer accepts any client certificate whose key the peer proves it holds, so
@@ -32,6 +34,9 @@ struct Verified {
 /// Authenticates by a client certificate this CA issued.
 pub struct ClientCertAuthenticator {
     verifier: Arc<dyn ClientCertVerifier>,
+    /// The same check with this CA's signing certificates as the only anchors: passes
+    /// only for a leaf one of them signed.
+    issued_here: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
     revoked: Arc<RevocationView>,
     /// Successful chain verifications by SHA-256 of the leaf. The chain check costs a
@@ -45,24 +50,18 @@ fn fail(reason: &'static str, detail: impl Into<String>) -> AuthFailure {
 }
 
 impl ClientCertAuthenticator {
-    /// Builds the authenticator for a trust bundle (DER roots).
+    /// Builds the authenticator for a trust bundle (DER roots) and the certificates
+    /// whose leaves may renew (`issuers`, DER: the signing certificate, or every root
+    /// when the CA signs with its self-signed roots).
     pub fn new(
         roots: &[Vec<u8>],
+        issuers: &[Vec<u8>],
         trust_domain: &str,
         revoked: Arc<RevocationView>,
     ) -> Result<Self, String> {
-        let mut store = RootCertStore::empty();
-        for r in roots {
-            store
-                .add(CertificateDer::from(r.clone()))
-                .map_err(|e| format!("trust bundle: {e}"))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-            .build()
-            .map_err(|e| format!("client verifier: {e}"))?;
         Ok(ClientCertAuthenticator {
-            verifier,
+            verifier: verifier(roots).map_err(|e| format!("trust bundle: {e}"))?,
+            issued_here: verifier(issuers).map_err(|e| format!("signing certificate: {e}"))?,
             trust_domain: trust_domain.to_owned(),
             revoked,
             cache: Mutex::new(HashMap::new()),
@@ -160,6 +159,21 @@ impl ClientCertAuthenticator {
                     format!("client certificate {}: {other}", facts.serial),
                 ),
             })?;
+        // Under the root, but signed by someone else (a sibling intermediate of a
+        // plugged-in CA): not a certificate this CA issued, so not one it can revoke.
+        if self
+            .issued_here
+            .verify_client_cert(leaf, &[], UnixTime::now())
+            .is_err()
+        {
+            return Err(fail(
+                "cert_foreign_issuer",
+                format!(
+                    "client certificate {} was not issued by this CA's signing certificate",
+                    facts.serial
+                ),
+            ));
+        }
         let identity = facts.spiffe_id().ok_or_else(|| {
             fail(
                 "cert_no_spiffe_id",
@@ -186,6 +200,20 @@ impl ClientCertAuthenticator {
             not_after: facts.not_after,
         })
     }
+}
+
+/// A client-certificate verifier (ring) anchored at `anchors` (DER).
+fn verifier(anchors: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut store = RootCertStore::empty();
+    for a in anchors {
+        store
+            .add(CertificateDer::from(a.clone()))
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 impl Authenticator for ClientCertAuthenticator {

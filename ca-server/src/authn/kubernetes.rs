@@ -1,12 +1,17 @@
 //! Kubernetes service-account tokens, checked with a TokenReview
 //! (`authentication.k8s.io/v1`). Only `authenticated: true` reviews for a user
 //! `system:serviceaccount:<ns>:<sa>` in group `system:serviceaccounts` are accepted.
+//! The review must also name one of the audiences asked for in `status.audiences`: an
+//! empty list means the token is valid for the API server itself, not for the CA.
+//!
 //! Positive reviews are cached by the SHA-256 of the token until the token's own
 //! expiry or five minutes, whichever is first; negative ones for a few seconds, so a
-//! renewal burst does not become an API-server burst.
+//! renewal burst does not become an API-server burst. The cache is an LRU of a fixed
+//! size, and reviews of tokens not in it are rate-limited: a caller sending a new
+//! bogus token on every request costs the API server at most the configured rate.
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,7 +26,17 @@ use super::{AuthFailure, AuthResult, Authenticator, Caller, CallerContext};
 const NAME: &str = "kubernetes-token";
 const POSITIVE_TTL: Duration = Duration::from_secs(300);
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-const CACHE_LIMIT: usize = 65_536;
+
+/// Bounds on what unseen tokens cost.
+#[derive(Clone, Debug)]
+pub struct ReviewLimits {
+    /// Reviews cached at most (least recently used out first).
+    pub cache_entries: usize,
+    /// TokenReviews a second for tokens not in the cache.
+    pub rate: f64,
+    /// How many may be sent at once before the rate applies.
+    pub burst: u32,
+}
 
 #[derive(Clone)]
 enum Cached {
@@ -37,7 +52,8 @@ pub struct KubernetesTokenAuthenticator {
     /// Review every bearer token (no other token authenticator is configured), or only
     /// those that look like Kubernetes tokens.
     all_bearer_tokens: bool,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Cached)>>,
+    cache: Mutex<lru::LruCache<[u8; 32], (Instant, Cached)>>,
+    reviews_allowed: crate::ratelimit::TokenBucket,
 }
 
 fn unauth(reason: &'static str, detail: impl Into<String>) -> AuthFailure {
@@ -79,13 +95,16 @@ impl KubernetesTokenAuthenticator {
         audiences: Vec<String>,
         trust_domain: &str,
         all_bearer_tokens: bool,
+        limits: &ReviewLimits,
     ) -> Self {
+        let entries = NonZeroUsize::new(limits.cache_entries).unwrap_or(NonZeroUsize::MIN);
         KubernetesTokenAuthenticator {
             reviews: Api::all(client),
             audiences,
             trust_domain: trust_domain.to_owned(),
             all_bearer_tokens,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(lru::LruCache::new(entries)),
+            reviews_allowed: crate::ratelimit::TokenBucket::new(limits.rate, limits.burst),
         }
     }
 
@@ -110,6 +129,16 @@ impl KubernetesTokenAuthenticator {
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
             return Err(unauth("token_rejected", format!("TokenReview: {why}")));
+        }
+        let granted = status.audiences.unwrap_or_default();
+        if !granted.iter().any(|a| self.audiences.contains(a)) {
+            return Err(unauth(
+                "token_audience_mismatch",
+                format!(
+                    "TokenReview authenticated the token for audiences {granted:?}, none of {:?}",
+                    self.audiences
+                ),
+            ));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -157,6 +186,16 @@ impl KubernetesTokenAuthenticator {
                 Cached::Refused(f) => Err(f),
             };
         }
+        if !self.reviews_allowed.try_take(Instant::now()) {
+            metrics::counter!("ca_kubernetes_token_reviews_throttled_total").increment(1);
+            return Err(AuthFailure {
+                code: tonic::Code::Unavailable,
+                ..unauth(
+                    "token_reviews_throttled",
+                    "too many TokenReviews for tokens not seen before; try again",
+                )
+            });
+        }
         let result = self.review(token).await;
         let until = match &result {
             Ok(_) => {
@@ -173,11 +212,7 @@ impl KubernetesTokenAuthenticator {
             Err(f) if f.code == tonic::Code::Unavailable => return result.map(Some),
             Err(_) => Instant::now() + NEGATIVE_TTL,
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_LIMIT {
-            cache.retain(|_, (t, _)| *t > Instant::now());
-        }
-        cache.insert(
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(
             key,
             (
                 until,

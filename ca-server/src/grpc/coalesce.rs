@@ -42,7 +42,9 @@ impl<T> CoalescedFlush<T> {
     pub fn new(inner: T) -> Self {
         CoalescedFlush {
             inner,
-            buf: Vec::with_capacity(BUFFER_LIMIT),
+            // Allocated on the first write of each flush and released after it: an
+            // idle connection (most of them) holds no buffer.
+            buf: Vec::new(),
             written: 0,
             yielded: false,
         }
@@ -99,6 +101,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedFlush<T> {
                 return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
             }
         }
+        if this.buf.capacity() == 0 {
+            this.buf.reserve(total.max(4096));
+        }
         for b in bufs {
             this.buf.extend_from_slice(b);
         }
@@ -119,6 +124,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedFlush<T> {
         }
         std::task::ready!(this.poll_drain(cx))?;
         this.yielded = false;
+        this.buf = Vec::new();
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 

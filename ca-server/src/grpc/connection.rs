@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::FusedFuture;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, StatusCode};
@@ -22,18 +23,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
+use super::limits::Gate;
 use super::service::CaService;
 use super::wire::{self, BodyError, UnaryBody};
 use crate::audit::Api;
 use crate::authn::CallerContext;
 use crate::issuance::Refusal;
 
-/// Streams one client may have open at once.
-const MAX_CONCURRENT_STREAMS: u32 = 200;
-/// Flow-control windows: a whole request fits in the first window.
-const WINDOW: u32 = 1024 * 1024;
-/// Largest header block accepted.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// A stream's flow-control window: a whole request of the largest size (and its
+/// frame prefix) fits, so no call waits for a WINDOW_UPDATE.
+const STREAM_WINDOW: u32 = super::MAX_REQUEST_BYTES as u32 + 1024;
+/// The connection's window: what a peer may have sent that the server has not read
+/// yet, and so the most a connection's unread data can hold in memory.
+const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// How long after the last possible deadline a draining connection may stay open.
 const DRAIN_SLACK: Duration = Duration::from_secs(1);
 
@@ -42,6 +44,8 @@ pub struct Calls {
     pub service: CaService,
     /// Deadline of a call when the client asks for none or a longer one.
     pub timeout: Duration,
+    /// The front door's limits and what is open against them.
+    pub gate: Arc<Gate>,
 }
 
 /// Who is at the other end of a connection.
@@ -57,6 +61,7 @@ pub async fn serve<T>(
     addr: SocketAddr,
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     calls: Arc<Calls>,
+    handshake_deadline: tokio::time::Instant,
     mut shutdown: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -64,14 +69,15 @@ pub async fn serve<T>(
     // One wait for the shutdown signal for the connection's life, not one per call.
     let stop = super::stopping(&mut shutdown);
     tokio::pin!(stop);
+    let limits = &calls.gate.limits;
     let handshake = h2::server::Builder::new()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(limits.max_header_bytes)
         .handshake::<_, Bytes>(io);
     let mut conn = tokio::select! {
-        r = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake) => match r {
+        r = tokio::time::timeout_at(handshake_deadline, handshake) => match r {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 tracing::debug!(peer = %addr, error = %e, "HTTP/2 handshake failed");
@@ -91,24 +97,54 @@ pub async fn serve<T>(
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
     let mut draining = false;
+    // No call for `idle_timeout`: the connection is closed (gracefully).
+    let idle_timeout = calls.gate.limits.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut unanswered_ping = keepalive(&mut conn, &calls.gate.limits);
     loop {
+        let now = tokio::time::Instant::now;
         // `accept` also drives the connection's I/O for the calls in flight.
         let next = tokio::select! {
             next = conn.accept() => next,
             () = &mut stop, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
-                grace.as_mut().reset(tokio::time::Instant::now() + calls.timeout + DRAIN_SLACK);
+                grace.as_mut().reset(now() + calls.timeout + DRAIN_SLACK);
                 continue;
             }
             () = &mut grace, if draining => {
                 tracing::debug!(peer = %addr, "connection still open after the drain; closing it");
                 return;
             }
+            () = &mut idle, if !draining => {
+                if in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    tracing::debug!(peer = %addr, "connection idle; closing it");
+                    metrics::counter!("ca_connections_closed_total", "why" => "idle").increment(1);
+                    draining = true;
+                    conn.graceful_shutdown();
+                    grace.as_mut().reset(now() + DRAIN_SLACK);
+                } else {
+                    idle.as_mut().reset(now() + idle_timeout);
+                }
+                continue;
+            }
+            Some(()) = async { (&mut unanswered_ping).await.ok() }, if !unanswered_ping.is_terminated() => {
+                tracing::debug!(peer = %addr, "no answer to a keepalive ping; closing the connection");
+                metrics::counter!("ca_connections_closed_total", "why" => "keepalive").increment(1);
+                return;
+            }
         };
         match next {
             Some(Ok((request, respond))) => {
-                tokio::spawn(call(calls.clone(), peer.clone(), request, respond));
+                idle.as_mut().reset(now() + idle_timeout);
+                let in_flight = InFlight::enter(&in_flight);
+                let (calls, peer) = (calls.clone(), peer.clone());
+                tokio::spawn(async move {
+                    call(calls, peer, request, respond).await;
+                    drop(in_flight);
+                });
             }
             Some(Err(e)) => {
                 tracing::debug!(peer = %addr, error = %e, "HTTP/2 connection ended");
@@ -117,6 +153,58 @@ pub async fn serve<T>(
             None => return,
         }
     }
+}
+
+/// A call counted as in flight on its connection until dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Pings the peer every `keepalive_interval` from a task of its own; the receiver
+/// resolves when a ping went unanswered for `keepalive_timeout` (a dead peer, or one
+/// that stopped reading). It never resolves while the peer answers.
+fn keepalive<T>(
+    conn: &mut h2::server::Connection<T, Bytes>,
+    limits: &super::limits::Limits,
+) -> futures_util::future::Fuse<tokio::sync::oneshot::Receiver<()>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures_util::FutureExt;
+    let (dead, unanswered) = tokio::sync::oneshot::channel();
+    let (every, wait) = (limits.keepalive_interval, limits.keepalive_timeout);
+    if let Some(mut pings) = conn.ping_pong() {
+        let mut dead = dead;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    // The connection is gone.
+                    () = dead.closed() => return,
+                }
+                match tokio::time::timeout(wait, pings.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let _ = dead.send(());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    unanswered.fuse()
 }
 
 /// The two methods served.
@@ -165,6 +253,12 @@ async fn call(
             let _ = respond.send_response(refusal, true);
             return;
         }
+    };
+    // Shed before any work: no body read, no authentication, no record.
+    let Some(_slot) = calls.gate.call_slot() else {
+        let status = Status::unavailable("the CA is at its limit of concurrent calls; retry");
+        let _ = respond.send_response(wire::status_only(status), true);
+        return;
     };
     let deadline = match wire::parse_timeout(request.headers()) {
         Ok(asked) => asked.map_or(calls.timeout, |d| d.min(calls.timeout)),
@@ -246,8 +340,9 @@ async fn answer(
 /// The refusal of a request body that is not one acceptable message.
 fn body_refusal(e: BodyError, limit: usize) -> Refusal {
     match e {
+        // gRPC's status table: a message over the server's limit is RESOURCE_EXHAUSTED.
         BodyError::TooLarge(len) => Refusal {
-            code: Code::OutOfRange,
+            code: Code::ResourceExhausted,
             reason: "request_too_large",
             message: format!("request message of {len} bytes, over the limit of {limit}"),
         },

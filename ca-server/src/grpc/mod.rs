@@ -5,6 +5,7 @@
 
 mod coalesce;
 mod connection;
+pub mod limits;
 mod service;
 pub mod tls;
 mod wire;
@@ -21,7 +22,6 @@ pub use wire::frame;
 
 /// Largest request message we decode (a CSR is a few KiB; RSA-4096 under 4 KiB).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `shutdown` turns true, then lets the calls in flight finish and
 /// returns once every connection has closed.
@@ -30,12 +30,15 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     service: CaService,
     request_timeout: Duration,
+    limits: limits::Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let gate = limits::Gate::new(limits);
     let calls = Arc::new(connection::Calls {
         service,
         timeout: request_timeout,
+        gate: gate.clone(),
     });
     // Every connection task holds a sender; when all are gone, `open.recv()` ends.
     let (alive, mut open) = mpsc::channel::<()>(1);
@@ -51,6 +54,14 @@ pub async fn serve(
             },
             () = stopping(&mut shutdown) => break,
         };
+        // Over a connection limit: closed before the TLS handshake costs anything.
+        let slot = match gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused: at a limit");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let calls = calls.clone();
@@ -58,7 +69,10 @@ pub async fn serve(
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let _slot = slot;
+            // One deadline for the TLS and the HTTP/2 handshakes together.
+            let deadline = tokio::time::Instant::now() + calls.gate.limits.handshake_timeout;
+            let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
             let stream = tokio::select! {
                 r = handshake => match r {
                     Ok(Ok(stream)) => stream,
@@ -73,7 +87,7 @@ pub async fn serve(
                 .peer_certificates()
                 .map(|chain| Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()));
             let io = coalesce::CoalescedFlush::new(stream);
-            connection::serve(io, peer, certs, calls, shutdown).await;
+            connection::serve(io, peer, certs, calls, deadline, shutdown).await;
         });
     }
     drop(listener);

@@ -44,7 +44,9 @@ impl CaService {
     }
 
     /// Records, counts and answers a call refused before it reached either API (its
-    /// message was too large or not a message), as every other denial is.
+    /// message was too large or not a message, a malformed header). A caller whose
+    /// credential holds is named in the record; repeats from callers without one are
+    /// aggregated ([`crate::denials`]).
     pub async fn refuse(&self, api: Api, ctx: &CallerContext, refusal: Refusal) -> Status {
         let base = Decision {
             api: Some(api),
@@ -56,9 +58,21 @@ impl CaService {
             reason,
             message,
         } = refusal;
-        self.issuance
-            .deny(base, code, reason, message.clone(), message)
-            .await
+        // Who sent it, when the call carries a credential that holds: the record names
+        // them, one record per call; anyone else's repeats are aggregated.
+        match self.issuance.authn.authenticate(ctx).await {
+            Ok(caller) => {
+                let base = crate::issuance::caller_decision(base, &caller);
+                self.issuance
+                    .deny(base, code, reason, message.clone(), message)
+                    .await
+            }
+            Err(_) => {
+                self.issuance
+                    .deny_unauthenticated(base, code, reason, message.clone(), message)
+                    .await
+            }
+        }
     }
 
     /// `IstioCertificateService/CreateCertificate`.

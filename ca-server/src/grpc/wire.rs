@@ -23,7 +23,14 @@ pub fn parse_timeout(headers: &HeaderMap) -> Result<Option<Duration>, String> {
     let Some(value) = headers.get("grpc-timeout") else {
         return Ok(None);
     };
-    let bad = || format!("malformed grpc-timeout header: {value:?}");
+    // The value is the client's: quoted, and cut short (a header may be kilobytes).
+    let bad = || {
+        let shown = String::from_utf8_lossy(value.as_bytes());
+        format!(
+            "malformed grpc-timeout header: {:?}",
+            crate::audit::bounded(&shown, 32)
+        )
+    };
     let text = value.to_str().map_err(|_| bad())?;
     let Some(unit) = text.chars().last() else {
         return Err(bad());
