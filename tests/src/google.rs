@@ -162,7 +162,7 @@ impl Instance {
 /// Counters and switches the test reads and flips.
 #[derive(Default)]
 pub struct Counters {
-    /// JWKS GETs answered (including failures).
+    /// JWKS GETs received (including those answered with a failure).
     pub jwks_fetches: u64,
     /// Compute instance GETs answered.
     pub compute_lookups: u64,
@@ -177,6 +177,8 @@ struct Inner {
     signing: Arc<SigningKey>,
     instance: Instance,
     jwks_down: bool,
+    /// How long the JWKS endpoint takes to answer.
+    jwks_delay: Option<std::time::Duration>,
     metadata_down: bool,
     jwks_max_age: u64,
     counters: Counters,
@@ -201,6 +203,7 @@ impl Google {
             signing: key,
             instance,
             jwks_down: false,
+            jwks_delay: None,
             metadata_down: false,
             jwks_max_age: 3600,
             counters: Counters::default(),
@@ -301,6 +304,11 @@ impl Google {
         self.inner.lock().unwrap().jwks_down = down;
     }
 
+    /// The JWKS endpoint takes `delay` to answer (None: at once).
+    pub fn set_jwks_delay(&self, delay: Option<std::time::Duration>) {
+        self.inner.lock().unwrap().jwks_delay = delay;
+    }
+
     /// Metadata server answers 503 while down.
     pub fn set_metadata_down(&self, down: bool) {
         self.inner.lock().unwrap().metadata_down = down;
@@ -321,8 +329,15 @@ fn json_body(v: Value) -> Response {
 }
 
 async fn jwks(State(s): State<Shared>) -> Response {
-    let mut g = s.lock().unwrap();
-    g.counters.jwks_fetches += 1;
+    let delay = {
+        let mut g = s.lock().unwrap();
+        g.counters.jwks_fetches += 1;
+        g.jwks_delay
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    let g = s.lock().unwrap();
     if g.jwks_down {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }

@@ -394,3 +394,48 @@ fn bad_gce_configuration_is_exit_64() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_key_refetch_does_not_hold_up_tokens_with_known_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = Instance::running("shop-prod", "us-central1-a", "mysql-1");
+    let g = Google::start(i.clone()).await;
+    let cfg = config(tmp.path(), &g, "1s", false);
+    let ca = CaProcess::start(&tmp.path().join("state"), &["--gce-config", &cfg]);
+    let ch = ca.channel(None).await;
+    // The first token fetches the keys.
+    e2e::create_with_bearer(&ch, &g.token(AUD))
+        .await
+        .expect("first token");
+    // Google answers slowly now; a token with an unknown key makes the CA refetch
+    // (past the 1 s minimum between fetches).
+    g.set_jwks_delay(Some(std::time::Duration::from_secs(3)));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let stranger = e2e::google::SigningKey::generate("not-published");
+    let unknown = stranger.sign(
+        &json!({"alg": "RS256", "kid": "not-published"}),
+        &i.claims(AUD),
+    );
+    let waiting = {
+        let ch = ch.clone();
+        tokio::spawn(async move { e2e::create_with_bearer(&ch, &unknown).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Meanwhile a token signed with a known key is verified at once.
+    let started = std::time::Instant::now();
+    e2e::create_with_bearer(&ch, &g.token(AUD))
+        .await
+        .expect("a token with a known key");
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "a known key waited {took:?} for the refetch"
+    );
+    let err = waiting.await.unwrap().expect_err("unknown key");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(
+        g.counters(|c| c.jwks_fetches),
+        2,
+        "initial fetch + one refetch"
+    );
+}
