@@ -41,4 +41,4 @@ chmod 0700 "$ctx/state"
 
 DOCKER_BUILDKIT=0 docker build --quiet -f deploy/image/Dockerfile -t "$image" "$ctx" >/dev/null
 size=$(docker image inspect --format '{{.Size}}' "$image")
-echo "built $image: $((size / 1024 / 1024)) MiB ($size bytes)"
+echo "built $image: $(( (size + 524288) / 1048576 )) MiB ($size bytes)"
