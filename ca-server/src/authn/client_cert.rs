@@ -35,8 +35,10 @@ struct Verified {
 pub struct ClientCertAuthenticator {
     verifier: Arc<dyn ClientCertVerifier>,
     /// The same check with this CA's signing certificates as the only anchors: passes
-    /// only for a leaf one of them signed.
-    issued_here: Arc<dyn ClientCertVerifier>,
+    /// only for a leaf one of them signed. `None` when they are the roots themselves
+    /// (a self-signed CA): `verifier` already says so, and one signature check is
+    /// enough.
+    issued_here: Option<Arc<dyn ClientCertVerifier>>,
     trust_domain: String,
     revoked: Arc<RevocationView>,
     /// Successful chain verifications by SHA-256 of the leaf. The chain check costs a
@@ -61,7 +63,11 @@ impl ClientCertAuthenticator {
     ) -> Result<Self, String> {
         Ok(ClientCertAuthenticator {
             verifier: verifier(roots).map_err(|e| format!("trust bundle: {e}"))?,
-            issued_here: verifier(issuers).map_err(|e| format!("signing certificate: {e}"))?,
+            issued_here: if issuers == roots {
+                None
+            } else {
+                Some(verifier(issuers).map_err(|e| format!("signing certificate: {e}"))?)
+            },
             trust_domain: trust_domain.to_owned(),
             revoked,
             cache: Mutex::new(HashMap::new()),
@@ -161,10 +167,10 @@ impl ClientCertAuthenticator {
             })?;
         // Under the root, but signed by someone else (a sibling intermediate of a
         // plugged-in CA): not a certificate this CA issued, so not one it can revoke.
-        if self
-            .issued_here
-            .verify_client_cert(leaf, &[], UnixTime::now())
-            .is_err()
+        if let Some(issued_here) = &self.issued_here
+            && issued_here
+                .verify_client_cert(leaf, &[], UnixTime::now())
+                .is_err()
         {
             return Err(fail(
                 "cert_foreign_issuer",
