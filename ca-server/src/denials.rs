@@ -111,34 +111,29 @@ impl DenialAggregator {
     /// summary records of those that counted denials.
     pub fn take_closed(&self, now: Instant, everything: bool) -> Vec<Decision> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let ended: Vec<Key> = open
-            .iter()
-            .filter(|(_, w)| everything || now.duration_since(w.opened) >= self.window)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut summaries = Vec::new();
-        for key in ended {
-            let Some(w) = open.remove(&key) else { continue };
-            if w.suppressed == 0 {
-                continue;
-            }
-            let from = key
-                .peer
-                .map_or_else(|| "further peers".to_owned(), |ip| ip.to_string());
-            summaries.push(Decision {
-                api: key.api,
-                outcome: Some(Outcome::Denied),
-                reason: Some(key.reason.to_owned()),
-                detail: Some(format!(
-                    "{} more identical denials from {from} in the {:?} after {}",
-                    w.suppressed, self.window, w.first_at
-                )),
-                authenticator: key.authenticator,
-                peer: key.peer.map(|ip| ip.to_string()),
-                ..Default::default()
-            });
+        // Every ended window leaves; those that counted denials leave a summary.
+        open.extract_if(|_, w| everything || now.duration_since(w.opened) >= self.window)
+            .filter(|(_, w)| w.suppressed > 0)
+            .map(|(key, w)| self.summary(key, &w))
+            .collect()
+    }
+
+    fn summary(&self, key: Key, w: &Window) -> Decision {
+        let from = key
+            .peer
+            .map_or_else(|| "further peers".to_owned(), |ip| ip.to_string());
+        Decision {
+            api: key.api,
+            outcome: Some(Outcome::Denied),
+            reason: Some(key.reason.to_owned()),
+            detail: Some(format!(
+                "{} more identical denials from {from} in the {:?} after {}",
+                w.suppressed, self.window, w.first_at
+            )),
+            authenticator: key.authenticator,
+            peer: key.peer.map(|ip| ip.to_string()),
+            ..Default::default()
         }
-        summaries
     }
 
     /// How many windows are open.
