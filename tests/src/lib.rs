@@ -303,6 +303,16 @@ impl CaProcess {
         assert_all_recorded_via(|a| self.cli(a), received)
     }
 
+    /// The value of the first series on `/metrics` that starts with `series` (a name,
+    /// or a name and the first of its labels), 0 when there is none.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = http_get(self.http, "/metrics");
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// A gRPC channel over TLS, verifying the server as `istio-ca`, optionally with a
     /// client certificate.
     pub async fn channel(&self, client: Option<(&str, &str)>) -> Channel {
@@ -412,17 +422,14 @@ pub async fn channel(addr: SocketAddr, root_pem: &str, client: Option<(&str, &st
         .expect("connect to the CA")
 }
 
-/// An HTTP/2 connection over TLS on the `h2` crate alone, verifying the server as
-/// `istio-ca`, presenting a client certificate (chain, key) when given. For callers that build gRPC requests
-/// by hand: wire-level tests, and the load tool, which must cost the server's machine
-/// as little as possible.
-pub async fn h2_connect(
-    addr: SocketAddr,
+/// A rustls client configuration (ring) trusting `root_pem`, offering HTTP/2, with a
+/// client certificate (chain, key) when given.
+pub fn client_tls_config(
     root_pem: &str,
     client: Option<(&str, &str)>,
-) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
@@ -450,6 +457,20 @@ pub async fn h2_connect(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// An HTTP/2 connection over TLS on the `h2` crate alone, verifying the server as
+/// `istio-ca`, presenting a client certificate (chain, key) when given. For callers
+/// that build gRPC requests by hand: wire-level tests, and the load tool, which must
+/// cost the server's machine as little as possible.
+pub async fn h2_connect(
+    addr: SocketAddr,
+    root_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    use rustls::pki_types::ServerName;
+    let config = client_tls_config(root_pem, client)?;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;

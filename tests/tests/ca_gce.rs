@@ -53,22 +53,6 @@ fn spiffe_of(pem: &str) -> String {
     ca_core::x509::inspect(&der[0]).unwrap().uri_sans[0].clone()
 }
 
-fn metric(ca: &CaProcess, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(ca.http).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn gce_tokens_are_checked_completely() {
     let tmp = tempfile::tempdir().unwrap();
@@ -307,11 +291,10 @@ async fn jwks_rotation_outage_and_caching() {
     e2e::create_with_bearer(&ch, &token).await.unwrap();
     let (jwks, lookups) = g.counters(|c| (c.jwks_fetches, c.compute_lookups));
     assert_eq!(
-        metric(
-            &ca,
+        ca.metric(
             "ca_requests_total{api=\"modern\",outcome=\"issued\",authenticator=\"gce-token\""
         ),
-        1010
+        1010.0
     );
     assert_eq!(jwks, 1, "1,010 requests, one JWKS fetch");
     assert_eq!(

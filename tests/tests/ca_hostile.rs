@@ -84,25 +84,7 @@ async fn a_flood_of_malformed_requests_is_recorded_completely_in_bounded_space()
     assert!(logged < 1 << 20, "the log grew by {logged} bytes");
 
     // Complete: every refused request is in a record, alone or counted in a summary.
-    let records: Vec<serde_json::Value> = {
-        let out = e2e::run_cli(
-            &state,
-            &[
-                "audit",
-                "list",
-                "--outcome",
-                "denied",
-                "--json",
-                "--limit",
-                "0",
-            ],
-        );
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let records = e2e::audit_records_via(|a| e2e::run_cli(&state, a), &["--outcome", "denied"]);
     let mut accounted = 0u64;
     for r in &records {
         assert_eq!(r["reason"], "malformed_request", "{r}");
@@ -238,14 +220,6 @@ fn the_state_directory_and_admin_socket_are_private_from_the_start() {
     drop(ca);
 }
 
-/// The value of a counter on the CA's /metrics (0 when absent).
-fn metric(ca: &CaProcess, series: &str) -> f64 {
-    let (_, text) = e2e::http_get(ca.http, "/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A call whose headers are sent and whose body never ends: it holds a call slot until
 /// its deadline.
 fn stall(
@@ -290,10 +264,7 @@ async fn connections_over_the_per_peer_limit_are_closed_and_counted() {
         "a fifth connection from one address"
     );
     assert_eq!(
-        metric(
-            &ca,
-            "ca_connections_refused_total{limit=\"max_connections_per_peer\"}"
-        ),
+        ca.metric("ca_connections_refused_total{limit=\"max_connections_per_peer\"}"),
         1.0
     );
     // A closed connection frees its slot.
@@ -327,7 +298,7 @@ async fn idle_connections_are_closed() {
         refused,
         "an idle connection is still open after twice the idle timeout"
     );
-    assert!(metric(&ca, "ca_connections_closed_total{why=\"idle\"}") >= 1.0);
+    assert!(ca.metric("ca_connections_closed_total{why=\"idle\"}") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -351,7 +322,7 @@ async fn calls_over_the_limit_are_shed_before_any_work() {
         Some(&b"14"[..]),
         "UNAVAILABLE"
     );
-    assert_eq!(metric(&ca, "ca_calls_shed_total"), 1.0);
+    assert_eq!(ca.metric("ca_calls_shed_total"), 1.0);
     assert_eq!(
         ca.audit_records(&[]).len(),
         records,
@@ -408,7 +379,7 @@ async fn a_thousand_idle_and_a_hundred_stalled_connections_stay_within_memory() 
         "RSS {} MiB at start, {} MiB with 1,000 idle and 100 stalled connections (2,000 streams); {} calls shed",
         base >> 20,
         loaded >> 20,
-        metric(&ca, "ca_calls_shed_total")
+        ca.metric("ca_calls_shed_total")
     );
     assert!(loaded < LIMIT, "{} MiB", loaded >> 20);
     // Still serving.
@@ -426,4 +397,80 @@ async fn a_thousand_idle_and_a_hundred_stalled_connections_stay_within_memory() 
         "{err:?}"
     );
     drop((idle, stalled, pending));
+}
+
+#[test]
+fn a_connection_that_never_finishes_its_handshake_is_closed() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start(&tmp.path().join("state"), &["--handshake-timeout", "500ms"]);
+    // TCP only: no ClientHello ever comes.
+    let mut tcp = std::net::TcpStream::connect(ca.grpc).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let n = tcp
+        .read(&mut byte)
+        .expect("closed, not timed out on our side");
+    assert_eq!(n, 0, "the server closes the connection");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_stops_answering_pings_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CaProcess::start(
+        &tmp.path().join("state"),
+        &[
+            "--keepalive-interval",
+            "300ms",
+            "--keepalive-timeout",
+            "300ms",
+        ],
+    );
+    // A TLS connection that says the HTTP/2 preface and an empty SETTINGS frame, then
+    // never reads or writes again: the server's pings go unanswered.
+    let config = e2e::client_tls_config(&ca.root_pem(), None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(ca.grpc).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("istio-ca").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        ca.metric("ca_connections_closed_total{why=\"keepalive\"}"),
+        1.0,
+        "the unanswered ping closed the connection"
+    );
+    // What the server sent in the meantime ends with the connection closed.
+    let mut sent = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut sent),
+    );
+    assert!(read.await.is_ok(), "the connection is still open");
+    // An answering peer is not cut off: an ordinary client stays connected.
+    let conn = e2e::h2_connect(ca.grpc, &ca.root_pem(), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        conn.ready().await.is_ok(),
+        "a peer answering pings was cut off"
+    );
+    assert_eq!(
+        ca.metric("ca_connections_closed_total{why=\"keepalive\"}"),
+        1.0
+    );
 }
