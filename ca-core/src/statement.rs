@@ -44,6 +44,29 @@ pub fn verify_statement(
     body: &[u8],
     signature: &[u8],
 ) -> Result<(), StatementError> {
+    verify_signed(ca_cert_der, &signed_bytes(body), signature)
+}
+
+/// Whether `cert_der` carries a signature by `ca_cert_der`'s key, made the way this CA
+/// signs (ownership of a certificate found in the cluster, not path validation).
+pub fn is_signed_by(ca_cert_der: &[u8], cert_der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert_der) else {
+        return false;
+    };
+    verify_signed(
+        ca_cert_der,
+        cert.tbs_certificate.as_ref(),
+        &cert.signature_value.data,
+    )
+    .is_ok()
+}
+
+fn verify_signed(
+    ca_cert_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), StatementError> {
     let facts = crate::x509::inspect(ca_cert_der)
         .map_err(|e| StatementError::Certificate(e.to_string()))?;
     let spki = SubjectPublicKeyInfoRef::from_der(&facts.spki_der)
@@ -56,7 +79,7 @@ pub fn verify_statement(
         KeyKind::Rsa(_) => &sig::RSA_PKCS1_2048_8192_SHA256,
     };
     sig::UnparsedPublicKey::new(alg, key.raw())
-        .verify(&signed_bytes(body), signature)
+        .verify(message, signature)
         .map_err(|_| StatementError::BadSignature)
 }
 
@@ -95,5 +118,32 @@ mod tests {
             .unwrap();
             assert!(verify_statement(other.cert_der(), body, &signature).is_err());
         }
+    }
+
+    #[test]
+    fn certificate_ownership_is_the_signing_key() {
+        let now = time::OffsetDateTime::now_utc();
+        let day = std::time::Duration::from_secs(86400);
+        let root = || {
+            CertificateAuthority::new_self_signed_root(
+                KeyAlgorithm::EcdsaP256.generate().unwrap(),
+                "cluster.local",
+                now,
+                day,
+            )
+            .unwrap()
+        };
+        let (ca, other) = (root(), root());
+        let key = KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let public = crate::keys::PublicKey::of_key_pair(&key).unwrap();
+        let id = crate::SpiffeId::for_service_account("cluster.local", "ns", "sa").unwrap();
+        let leaf = ca.issue_for_key(&public, &id, day / 24, now).unwrap();
+        assert!(is_signed_by(ca.cert_der(), &leaf.der));
+        assert!(!is_signed_by(other.cert_der(), &leaf.der));
+        let mut flipped = leaf.der.clone();
+        let at = flipped.len() - 5;
+        flipped[at] ^= 1;
+        assert!(!is_signed_by(ca.cert_der(), &flipped));
+        assert!(!is_signed_by(ca.cert_der(), b"not a certificate"));
     }
 }

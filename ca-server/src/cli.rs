@@ -220,12 +220,14 @@ pub struct ServeArgs {
     /// ...and never later than this before expiry.
     #[arg(long, env = "CA_SECRET_MIN_GRACE", default_value = "10m", value_parser = duration)]
     pub secret_min_grace: Duration,
-    /// How often to look for Secrets whose rotation is due.
-    #[arg(long, env = "CA_SECRET_CHECK_INTERVAL", default_value = "30s", value_parser = duration)]
+    /// Longest time between two looks at one identity Secret. Each is looked at again
+    /// when its rotation is due and whenever it or its service account changes; this
+    /// bounds the wait when a change was missed.
+    #[arg(long, env = "CA_SECRET_CHECK_INTERVAL", default_value = "5m", value_parser = duration)]
     pub secret_check_interval: Duration,
     /// Secrets reconciled in parallel.
-    #[arg(long, env = "CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
-    pub controller_concurrency: usize,
+    #[arg(long, env = "CA_CONTROLLER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub controller_concurrency: u16,
     /// Run the controllers only while holding the Lease istio-ca-leader in
     /// --ca-namespace (for several replicas). Off: this replica always runs them.
     #[arg(long, env = "CA_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -568,8 +570,8 @@ pub fn serve_config(
                 workload_ttl: a.workload_cert_ttl,
                 grace_ratio: a.secret_grace_ratio,
                 min_grace: a.secret_min_grace,
-                concurrency: a.controller_concurrency.max(1),
-                sweep_interval: a.secret_check_interval.max(Duration::from_secs(1)),
+                concurrency: a.controller_concurrency,
+                recheck_interval: a.secret_check_interval.max(Duration::from_secs(1)),
             })
         } else {
             None

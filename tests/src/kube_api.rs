@@ -2,13 +2,17 @@
 //! reached through the normal `kube::Client` with a kubeconfig whose only difference
 //! from a real one is the server URL. It keeps state:
 //!
-//! - namespaces, serviceaccounts, secrets, configmaps (`/api/v1`) and leases
-//!   (`coordination.k8s.io/v1`): get, list (label selectors, `limit`/`continue`),
-//!   create (409 AlreadyExists), update (409 Conflict on a stale `resourceVersion`),
-//!   merge patch, delete (404 NotFound), and watch from a `resourceVersion` with
-//!   bookmarks, resume, and 410 Gone after compaction;
+//! - namespaces, serviceaccounts, secrets, configmaps (`/api/v1`), leases
+//!   (`coordination.k8s.io/v1`) and events (`events.k8s.io/v1`): get, list (label and
+//!   field selectors, `limit`/`continue`), create (409 AlreadyExists), update (409
+//!   Conflict on a stale `resourceVersion`), merge patch, delete (404 NotFound), and
+//!   watch from a `resourceVersion` with bookmarks, resume, and 410 Gone after
+//!   compaction;
+//! - the garbage collector's part: deleting an object deletes the objects whose
+//!   `ownerReferences` name its uid (background propagation);
 //! - TokenReview (`authentication.k8s.io/v1`) backed by a token table the test controls;
-//! - faults: injected 500s, slow answers, dropped watches; and write counters.
+//! - faults: injected 500s, slow answers, dropped watches, writes of one kind refused
+//!   with 403; and write counters.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,6 +119,36 @@ impl KubeApi {
     /// The next `n` non-watch requests answer 500.
     pub fn fail_next(&self, n: u32) {
         self.resources.state.db.lock().unwrap().fail_next = n;
+    }
+
+    /// Writes (create, update, patch, delete) of `kind` answer 403 Forbidden while `on`.
+    pub fn forbid_writes(&self, kind: Kind, on: bool) {
+        let mut g = self.resources.state.db.lock().unwrap();
+        if on {
+            g.forbidden.insert(kind);
+        } else {
+            g.forbidden.remove(&kind);
+        }
+    }
+
+    /// Requests that reached the resource routes, by kind (watches included).
+    pub fn requests(&self, kind: Kind) -> u64 {
+        let g = self.resources.state.db.lock().unwrap();
+        g.requests.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Stores objects directly, as if created (uid and resourceVersion assigned), without
+    /// events: for populating a large cluster before anything watches it.
+    pub fn insert_unwatched(&self, kind: Kind, ns: &str, objects: impl IntoIterator<Item = Value>) {
+        let mut g = self.resources.state.db.lock().unwrap();
+        for mut obj in objects {
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            g.stamp(kind, ns, &mut obj, true);
+            g.objects.insert((kind, ns.to_owned(), name), obj);
+        }
     }
 
     /// Every answer is delayed by `d` (None: no delay).
@@ -278,6 +312,8 @@ pub enum Kind {
     ConfigMap,
     /// coordination.k8s.io/v1 Lease.
     Lease,
+    /// events.k8s.io/v1 Event.
+    Event,
 }
 
 impl Kind {
@@ -288,6 +324,7 @@ impl Kind {
             "secrets" => Kind::Secret,
             "configmaps" => Kind::ConfigMap,
             "leases" => Kind::Lease,
+            "events" => Kind::Event,
             _ => return None,
         })
     }
@@ -298,13 +335,14 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::ConfigMap => "ConfigMap",
             Kind::Lease => "Lease",
+            Kind::Event => "Event",
         }
     }
     fn api_version(self) -> &'static str {
-        if self == Kind::Lease {
-            "coordination.k8s.io/v1"
-        } else {
-            "v1"
+        match self {
+            Kind::Lease => "coordination.k8s.io/v1",
+            Kind::Event => "events.k8s.io/v1",
+            _ => "v1",
         }
     }
 }
@@ -345,6 +383,8 @@ struct Store {
     fail_next: u32,
     slow: Option<Duration>,
     watch_generation: u64,
+    forbidden: std::collections::BTreeSet<Kind>,
+    requests: HashMap<Kind, u64>,
 }
 
 type Db = Arc<Mutex<Store>>;
@@ -375,6 +415,36 @@ fn labels_match(selector: Option<&str>, obj: &Value) -> bool {
             !labels[term].is_null()
         }
     })
+}
+
+/// `path=value`, `path==value`, `path!=value`, comma-separated, where `path` is a dotted
+/// field path (`type`, `metadata.name`, `metadata.namespace`), as the API server's field
+/// selectors for these kinds.
+fn fields_match(selector: Option<&str>, obj: &Value) -> bool {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let field = |path: &str| {
+        path.trim()
+            .split('.')
+            .fold(obj, |v, k| &v[k])
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    sel.split(',').all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            field(k) != v.trim()
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            field(k) == v.trim()
+        } else {
+            false
+        }
+    })
+}
+
+fn selected(q: &ListParams, obj: &Value) -> bool {
+    labels_match(q.label_selector.as_deref(), obj) && fields_match(q.field_selector.as_deref(), obj)
 }
 
 /// RFC 7386 JSON merge patch.
@@ -442,6 +512,7 @@ impl Store {
 #[serde(rename_all = "camelCase")]
 struct ListParams {
     label_selector: Option<String>,
+    field_selector: Option<String>,
     watch: Option<String>,
     resource_version: Option<String>,
     allow_watch_bookmarks: Option<bool>,
@@ -471,6 +542,17 @@ async fn resource(
     let name = p.get("name").cloned();
     let slow = {
         let mut g = st.db.lock().unwrap();
+        *g.requests.entry(kind).or_default() += 1;
+        if g.forbidden.contains(&kind) && method != Method::GET {
+            return status(
+                403,
+                "Forbidden",
+                format!(
+                    "{}s is forbidden: writes refused by the test",
+                    kind.kind().to_lowercase()
+                ),
+            );
+        }
         if g.fail_next > 0 && q.watch.is_none() {
             g.fail_next -= 1;
             return status(500, "InternalError", "injected failure".into());
@@ -590,9 +672,46 @@ async fn resource(
             let _ = st
                 .events
                 .send(g.record(kind, "DELETED", obj.clone(), "delete"));
+            collect_garbage(&mut g, &st.events, &obj);
             json_body(StatusCode::OK, obj)
         }
         _ => status(405, "MethodNotAllowed", "method not allowed".into()),
+    }
+}
+
+/// What kube-controller-manager's garbage collector does after `owner` is deleted:
+/// deletes every object that names it in `ownerReferences`, and so on down.
+fn collect_garbage(g: &mut Store, events: &broadcast::Sender<Event>, owner: &Value) {
+    let mut gone = vec![
+        owner["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ];
+    while let Some(uid) = gone.pop() {
+        let dependents: Vec<(Kind, String, String)> = g
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in dependents {
+            let Some(mut obj) = g.objects.remove(&key) else {
+                continue;
+            };
+            g.stamp(key.0, &key.1, &mut obj, false);
+            gone.push(
+                obj["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            let _ = events.send(g.record(key.0, "DELETED", obj, "garbage-collect"));
+        }
     }
 }
 
@@ -603,7 +722,7 @@ fn list(db: &Db, kind: Kind, ns: &str, q: &ListParams) -> Response {
         .iter()
         .filter(|((k, n, _), _)| *k == kind && (ns.is_empty() || n == ns))
         .map(|(_, v)| v)
-        .filter(|v| labels_match(q.label_selector.as_deref(), v))
+        .filter(|v| selected(q, v))
         .collect();
     let start: usize = q.cont.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
     let limit = q.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
@@ -631,7 +750,7 @@ fn watch(st: ApiState, kind: Kind, ns: String, q: ListParams) -> Response {
         .unwrap_or(0);
     let bookmarks = q.allow_watch_bookmarks.unwrap_or(false);
     let timeout = Duration::from_secs(q.timeout_seconds.unwrap_or(290).min(600));
-    let selector = q.label_selector.clone();
+
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::convert::Infallible>>(1024);
     let mut live = st.events.subscribe();
@@ -663,7 +782,7 @@ fn watch(st: ApiState, kind: Kind, ns: String, q: ListParams) -> Response {
             e.kind == kind
                 && (ns.is_empty()
                     || e.object["metadata"]["namespace"].as_str() == Some(ns.as_str()))
-                && labels_match(selector.as_deref(), &e.object)
+                && selected(&q, &e.object)
         };
         if from != 0 {
             for e in backlog.iter().filter(|e| wanted(e)) {
@@ -744,6 +863,15 @@ impl Resources {
             )
             .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/{kind}/{name}",
+                any(resource),
+            )
+            .route("/apis/events.k8s.io/v1/{kind}", any(resource))
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/{kind}",
+                any(resource),
+            )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/{kind}/{name}",
                 any(resource),
             )
             .with_state(self.state.clone())

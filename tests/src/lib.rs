@@ -323,6 +323,15 @@ impl CaProcess {
 impl Drop for CaProcess {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the server said last.
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the CA's log ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -704,6 +713,17 @@ pub fn published_leaf(certs: &Path) -> ca_core::x509::CertFacts {
     ca_core::x509::inspect(&leaf[0]).unwrap()
 }
 
+/// Resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
 /// Polls `f` every 50 ms until it holds, failing the test after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -847,6 +867,8 @@ pub struct PluggedCa {
     pub intermediate_pem: String,
     /// PEM of the root's key (the operator's, for minting other intermediates).
     root_key_pem: String,
+    /// PEM of the intermediate's key (the CA's own).
+    intermediate_key_pem: String,
 }
 
 impl PluggedCa {
@@ -886,6 +908,7 @@ impl PluggedCa {
             root_pem,
             intermediate_pem,
             root_key_pem: root_key.serialize_pem(),
+            intermediate_key_pem: int_key.serialize_pem(),
         }
     }
 
@@ -894,7 +917,6 @@ impl PluggedCa {
     pub fn sibling_leaf(&self, spiffe_id: &str) -> (String, String) {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-            SanType,
         };
         let root_key = KeyPair::from_pem(&self.root_key_pem).unwrap();
         let root = Issuer::from_ca_cert_pem(&self.root_pem, root_key).unwrap();
@@ -906,20 +928,36 @@ impl PluggedCa {
         int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let int_key = KeyPair::generate().unwrap();
         let int = int_params.signed_by(&int_key, &root).unwrap();
-        let mut leaf_params = CertificateParams::default();
-        leaf_params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
-        leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf_params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = leaf_params
-            .signed_by(&leaf_key, &Issuer::from_params(&int_params, &int_key))
-            .unwrap();
-        (
-            format!("{}{}", leaf.pem(), int.pem()),
-            leaf_key.serialize_pem(),
-        )
+        let (leaf, key) = spiffe_leaf(spiffe_id, &Issuer::from_params(&int_params, &int_key));
+        (format!("{leaf}{}", int.pem()), key)
     }
+
+    /// A certificate for `spiffe_id` signed with the CA's own key, as another program
+    /// holding the same `cacerts` (Citadel, say) would issue it: (leaf PEM, key PEM).
+    pub fn issued_leaf(&self, spiffe_id: &str) -> (String, String) {
+        let key = rcgen::KeyPair::from_pem(&self.intermediate_key_pem).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&self.intermediate_pem, key).unwrap();
+        spiffe_leaf(spiffe_id, &issuer)
+    }
+}
+
+/// A SPIFFE leaf valid for a day, signed by `issuer`: (leaf PEM, key PEM).
+fn spiffe_leaf(
+    spiffe_id: &str,
+    issuer: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
+) -> (String, String) {
+    use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose, SanType};
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(1);
+    let key = KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&key, issuer).unwrap();
+    (leaf.pem(), key.serialize_pem())
 }

@@ -330,17 +330,6 @@ async fn calls_over_the_limit_are_shed_before_any_work() {
     );
 }
 
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_idle_and_a_hundred_stalled_connections_stay_within_memory() {
     // The bound this test holds the server to (a debug build, default limits; the
@@ -353,7 +342,7 @@ async fn a_thousand_idle_and_a_hundred_stalled_connections_stay_within_memory() 
     );
     let root = ca.root_pem();
     let pid = ca.pid().unwrap();
-    let base = rss(pid);
+    let base = e2e::rss(pid);
     let mut idle = Vec::new();
     for _ in 0..1000 {
         idle.push(
@@ -374,7 +363,7 @@ async fn a_thousand_idle_and_a_hundred_stalled_connections_stay_within_memory() 
         stalled.push(conn);
     }
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let loaded = rss(pid);
+    let loaded = e2e::rss(pid);
     eprintln!(
         "RSS {} MiB at start, {} MiB with 1,000 idle and 100 stalled connections (2,000 streams); {} calls shed",
         base >> 20,

@@ -82,7 +82,7 @@ async fn every_managed_service_account_gets_a_secret() {
     api.write_kubeconfig(&kubeconfig);
     let ca = CaProcess::start_with_env(
         &tmp.path().join("state"),
-        &["--secret-controller", "--secret-check-interval", "1s"],
+        &["--secret-controller"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     let root = ca.root_pem();
@@ -95,6 +95,9 @@ async fn every_managed_service_account_gets_a_secret() {
             >= 1000
     });
     eprintln!("1,000 secrets in {:?}", started.elapsed());
+    wait_for("100 root ConfigMaps", Duration::from_secs(30), || {
+        api.objects(Kind::ConfigMap).len() >= 100
+    });
 
     for i in 0..100 {
         let ns = format!("ns{i}");
@@ -120,6 +123,16 @@ async fn every_managed_service_account_gets_a_secret() {
                 rcgen::PublicKeyData::subject_public_key_info(&key),
                 facts.spki_der
             );
+            assert_eq!(
+                s["metadata"]["annotations"]["ca.istio.io/managed-by"], "istio-ca.istio-system",
+                "marked as this CA's"
+            );
+            let owner = &s["metadata"]["ownerReferences"][0];
+            let account = api.get(Kind::ServiceAccount, &ns, sa).unwrap();
+            assert_eq!(owner["kind"], "ServiceAccount");
+            assert_eq!(owner["name"], sa);
+            assert_eq!(owner["uid"], account["metadata"]["uid"]);
+            assert_eq!(owner["controller"], true);
             let hours = (facts.not_after - facts.not_before).whole_hours();
             assert!(
                 (24..=25).contains(&hours),
@@ -156,7 +169,8 @@ async fn every_managed_service_account_gets_a_secret() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(api.writes().of("Secret"), 1000, "no writes in steady state");
 
-    // A deleted secret comes back; a deleted service account takes its secret along.
+    // A deleted secret comes back; a deleted service account takes its secret along
+    // (the garbage collector follows the ownerReference).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "ns7");
     secrets
         .delete("istio.sa3", &DeleteParams::default())
@@ -253,8 +267,6 @@ async fn only_the_leader_writes_and_a_dead_leader_is_replaced() {
         "--root-in-secret",
         "--leader-lease-duration",
         "4s",
-        "--secret-check-interval",
-        "1s",
     ];
     let mut a =
         CaProcess::start_with_env(&tmp.path().join("a"), &args, &[("KUBECONFIG", kc.as_str())]);
@@ -331,8 +343,7 @@ async fn api_faults_delay_but_never_lose_or_duplicate() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApi::start().await;
     let client = populate(&api, 10, 10).await;
-    // Someone else already wrote one of the secrets (the controller must not fight it
-    // into two, and must fix its content).
+    // Someone else already wrote one of the secrets: the controller leaves it alone.
     Api::<Secret>::namespaced(client.clone(), "ns0")
         .create(
             &PostParams::default(),
@@ -344,22 +355,21 @@ async fn api_faults_delay_but_never_lose_or_duplicate() {
         )
         .await
         .unwrap();
-    api.fail_next(30);
+    // Fails the first lists (the controller's watches then back off: 0.8 s doubling).
+    api.fail_next(5);
     api.set_slow(Some(Duration::from_millis(20)));
     let kubeconfig = tmp.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let _ca = CaProcess::start_with_env(
         &tmp.path().join("state"),
-        &[
-            "--secret-controller",
-            "--leader-elect",
-            "false",
-            "--secret-check-interval",
-            "1s",
-        ],
+        &["--secret-controller", "--leader-elect", "false"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for("a first secret", Duration::from_secs(60), || {
+        count_identity_secrets(&api) > 1
+    });
+    // Writes fail too (each reconcile then backs off: 0.5 s doubling).
+    api.fail_next(10);
     api.drop_watches();
     api.set_slow(None);
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -371,8 +381,10 @@ async fn api_faults_delay_but_never_lose_or_duplicate() {
                 s["type"] == "istio.io/key-and-cert" && !s["data"]["cert-chain.pem"].is_null()
             })
             .count()
-            == 100
+            == 99
     });
+    let foreign = api.get(Kind::Secret, "ns0", "istio.sa0").unwrap();
+    assert!(foreign["data"].is_null(), "not overwritten: {foreign}");
     // Meanwhile an SA is deleted while watches are being dropped.
     Api::<ServiceAccount>::namespaced(client.clone(), "ns5")
         .delete("sa5", &DeleteParams::default())
@@ -386,9 +398,9 @@ async fn api_faults_delay_but_never_lose_or_duplicate() {
     );
     assert_eq!(count_identity_secrets(&api), 99);
     let writes = api.writes();
-    // 99 creates + 1 update of the foreign secret + 1 create of it by the test + 1 delete.
+    // 99 creates + the test's own create + the garbage collector's delete.
     assert!(
-        writes.of("Secret") <= 102,
+        writes.of("Secret") <= 101,
         "no duplicate writes: {writes:?}"
     );
 }
@@ -475,4 +487,210 @@ async fn root_change_updates_every_secret_and_configmap() {
         20,
         "rotated in place, none duplicated"
     );
+}
+
+fn events_with_reason(api: &KubeApi, reason: &str) -> Vec<Value> {
+    api.objects(Kind::Event)
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+fn issued_for(ca: &CaProcess, secret: &str) -> usize {
+    ca.audit_records(&["--outcome", "issued"])
+        .iter()
+        .filter(|r| r["detail"] == format!("Secret {secret}"))
+        .count()
+}
+
+/// istiod's root ConfigMap, an Opaque `istio.<sa>`, and an identity Secret from another CA
+/// are reported and left alone, issuing nothing more for them; a Secret this CA's key
+/// signed (Citadel sharing `cacerts`) is adopted without being reissued; a refused
+/// ConfigMap write is retried with backoff, not in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_of_others_are_reported_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = populate(&api, 3, 3).await;
+    let plugged = e2e::PluggedCa::write(&tmp.path().join("cacerts"));
+    let pp = PostParams::default();
+    let secret = |name: &str, type_: &str, data: &[(&str, &str)]| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            annotations: name
+                .strip_prefix("istio.")
+                .map(|sa| [("istio.io/service-account.name".to_string(), sa.to_string())].into()),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let ns0: Api<Secret> = Api::namespaced(client.clone(), "ns0");
+    // An application's own Secret that happens to hold the name.
+    ns0.create(
+        &pp,
+        &secret("istio.sa0", "Opaque", &[("password", "hunter2")]),
+    )
+    .await
+    .unwrap();
+    // An identity Secret from another CA.
+    let other = e2e::PluggedCa::write(&tmp.path().join("other"));
+    let (other_leaf, other_key) = other.issued_leaf("spiffe://cluster.local/ns/ns0/sa/sa1");
+    ns0.create(
+        &pp,
+        &secret(
+            "istio.sa1",
+            "istio.io/key-and-cert",
+            &[
+                ("key.pem", &other_key),
+                ("cert-chain.pem", &other_leaf),
+                ("root-cert.pem", &other.root_pem),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    // One that Citadel, holding the same cacerts, wrote.
+    let (leaf, key) = plugged.issued_leaf("spiffe://cluster.local/ns/ns1/sa/sa0");
+    let chain = format!("{leaf}{}{}", plugged.intermediate_pem, plugged.root_pem);
+    Api::<Secret>::namespaced(client.clone(), "ns1")
+        .create(
+            &pp,
+            &secret(
+                "istio.sa0",
+                "istio.io/key-and-cert",
+                &[
+                    ("key.pem", &key),
+                    ("cert-chain.pem", &chain),
+                    ("root-cert.pem", &plugged.root_pem),
+                ],
+            ),
+        )
+        .await
+        .unwrap();
+    // istiod's root ConfigMap.
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "ns1")
+        .create(
+            &pp,
+            &k8s_openapi::api::core::v1::ConfigMap {
+                metadata: meta("istio-ca-root-cert", &[("istio.io/config", "true")]),
+                data: Some([("root-cert.pem".to_string(), other.root_pem.clone())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let before = |ns: &str, name: &str| {
+        api.get(Kind::Secret, ns, name).unwrap()["metadata"]["resourceVersion"].clone()
+    };
+    let (rv_opaque, rv_other) = (before("ns0", "istio.sa0"), before("ns0", "istio.sa1"));
+    // No ConfigMap may be written for now.
+    api.forbid_writes(Kind::ConfigMap, true);
+    let cm_requests_before = api.requests(Kind::ConfigMap);
+
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &[
+            "--secret-controller",
+            "--leader-elect",
+            "false",
+            "--plugged-ca-dir",
+            tmp.path().join("cacerts").to_str().unwrap(),
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    wait_for("the other six secrets", Duration::from_secs(30), || {
+        api.objects(Kind::Secret)
+            .iter()
+            .filter(|s| {
+                s["metadata"]["annotations"]["ca.istio.io/managed-by"] == "istio-ca.istio-system"
+            })
+            .count()
+            == 7
+    });
+    wait_for("conflict events", Duration::from_secs(10), || {
+        events_with_reason(&api, "SecretNotOwned").len() == 2
+            && events_with_reason(&api, "ConfigMapNotOwned").len() == 1
+    });
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    assert_eq!(
+        before("ns0", "istio.sa0"),
+        rv_opaque,
+        "the Opaque secret is untouched"
+    );
+    assert_eq!(
+        before("ns0", "istio.sa1"),
+        rv_other,
+        "the other CA's secret is untouched"
+    );
+    let cm = api
+        .get(Kind::ConfigMap, "ns1", "istio-ca-root-cert")
+        .unwrap();
+    assert_eq!(
+        cm["data"]["root-cert.pem"].as_str(),
+        Some(other.root_pem.as_str())
+    );
+    assert!(cm["metadata"]["annotations"]["ca.istio.io/managed-by"].is_null());
+    // The Opaque one cost one issuance when its name was found taken, and none since;
+    // the typed foreign one (visible in the watch) cost none.
+    assert_eq!(issued_for(&ca, "ns0/istio.sa0"), 1);
+    assert_eq!(issued_for(&ca, "ns0/istio.sa1"), 0);
+    // Adopted, not reissued: same certificate, now marked and owned.
+    let adopted = api.get(Kind::Secret, "ns1", "istio.sa0").unwrap();
+    assert_eq!(secret_data(&adopted, "cert-chain.pem"), chain);
+    assert_eq!(issued_for(&ca, "ns1/istio.sa0"), 0);
+    assert_eq!(
+        adopted["metadata"]["ownerReferences"][0]["uid"],
+        api.get(Kind::ServiceAccount, "ns1", "sa0").unwrap()["metadata"]["uid"]
+    );
+    let note = events_with_reason(&api, "SecretNotOwned")
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(note.contains("not of type istio.io/key-and-cert"), "{note}");
+    assert!(note.contains("not issued by this CA"), "{note}");
+    assert!(ca.metric("ca_controller_conflicts_total{kind=\"Secret\"}") >= 2.0);
+    assert!(ca.metric("ca_controller_conflicts_total{kind=\"ConfigMap\"}") >= 1.0);
+
+    // Two ConfigMap creates refused with 403 for ~10 s: each retried after 0.5, 1, 2,
+    // 4 s ... (a hot loop would be thousands).
+    let cm_requests = api.requests(Kind::ConfigMap) - cm_requests_before;
+    assert!(
+        cm_requests <= 20,
+        "{cm_requests} ConfigMap requests while writes were refused"
+    );
+    api.forbid_writes(Kind::ConfigMap, false);
+    wait_for(
+        "root ConfigMaps once allowed",
+        Duration::from_secs(30),
+        || {
+            ["ns0", "ns2"]
+                .iter()
+                .all(|ns| api.get(Kind::ConfigMap, ns, "istio-ca-root-cert").is_some())
+        },
+    );
+
+    // Once the application's Secret is gone, the CA creates its own.
+    ns0.delete("istio.sa0", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the CA's own istio.sa0", Duration::from_secs(30), || {
+        api.get(Kind::Secret, "ns0", "istio.sa0")
+            .is_some_and(|s| s["type"] == "istio.io/key-and-cert")
+    });
+    assert_eq!(issued_for(&ca, "ns0/istio.sa0"), 2);
 }

@@ -1,52 +1,47 @@
-//! The identity-Secret controller (docs/COMPATIBILITY.md, "Kubernetes objects").
+//! The identity-Secret controller (docs/COMPATIBILITY.md, "Kubernetes objects"): a
+//! kube-runtime `Controller` over ServiceAccounts.
 //!
-//! Three watchers (kube-runtime, not polling) keep stores of namespaces, service
-//! accounts and Secrets; every event marks the (namespace, service account) pairs it
-//! concerns as dirty, and workers reconcile dirty pairs against the stores:
+//! For each service account of a managed namespace, Secret `istio.<sa>` exists, parses,
+//! carries the current `root-cert.pem`, has more than its grace period left, and is
+//! owned by the service account (so the garbage collector deletes it with the account).
+//! Otherwise it is created or rotated; the issuance is audited before the write.
 //!
-//! - service account present in a managed namespace → Secret `istio.<sa>` exists, parses,
-//!   carries the current `root-cert.pem`, and has more than its grace period left;
-//!   otherwise it is created or rotated (the issuance is audited before the write);
-//! - service account gone → its Secret (ours: type and annotation match) is deleted;
-//! - namespace not managed → nothing is touched.
-//!
-//! Writes happen only when something must change, through create (409: someone else
-//! did it, the watch will tell) or replace with the stored `resourceVersion` (409:
-//! stale, retried after the watch catches up), with bounded concurrency; a failed
-//! reconcile (409, 5xx, timeout) is retried with exponential backoff (0.5 s to 60 s). A periodic
-//! sweep marks pairs whose rotation is due. After any (re)list every pair is checked
-//! again, so events missed while a watch was down are not lost.
+//! What is watched, and so held in memory: namespaces, service accounts, and only the
+//! Secrets of type `istio.io/key-and-cert` (a field selector), with their private keys
+//! dropped from the cached copy. A Secret that is not this CA's (see
+//! [`super::ownership`]) is never written: the conflict becomes an Event on the service
+//! account and a metric, and the account is looked at again when something changes.
+//! A failed watch is retried with the controller's backoff (0.8 s doubling to 30 s).
+//! Every failed reconcile is retried with exponential backoff; a successful one is
+//! requeued for its next rotation (at most `--secret-check-interval` away).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ca_core::keys::KeyAlgorithm;
 use ca_core::{CertificateAuthority, SpiffeId};
+use futures_util::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
 use rcgen::PublicKeyData;
 use time::OffsetDateTime;
-use tokio::sync::{Notify, Semaphore, watch as shutdown_watch};
-use tokio_stream::StreamExt;
 
+use super::ownership::{self, Ownership, SA_ANNOTATION, SECRET_TYPE};
+use super::{Ready, ReconcileError, Retries, api as call, is_managed, timed};
 use crate::audit::{Api as AuditApi, AuditWriter, Decision};
 use crate::issuance::issued_decision;
 
-/// Secret type of identity Secrets.
-pub const SECRET_TYPE: &str = "istio.io/key-and-cert";
-/// Annotation naming the service account.
-pub const SA_ANNOTATION: &str = "istio.io/service-account.name";
-/// Root ConfigMap name and key.
-pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
-
-/// How the controller behaves.
+/// How the controllers behave.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    /// The CA's namespace (for the `ca.istio.io/env` label).
+    /// The CA's namespace (for the `ca.istio.io/env` label and the ownership marker).
     pub ca_namespace: String,
     /// Whether a namespace without either label is managed.
     pub default_enabled: bool,
@@ -57,521 +52,368 @@ pub struct ControllerConfig {
     /// ...but never with less than this left.
     pub min_grace: Duration,
     /// Parallel reconciles (each may write once).
-    pub concurrency: usize,
-    /// How often to look for due rotations.
-    pub sweep_interval: Duration,
+    pub concurrency: u16,
+    /// Longest time between two looks at one Secret.
+    pub recheck_interval: Duration,
 }
 
-type Key = (String, String);
-
-#[derive(Default)]
-struct Queue {
-    dirty: HashSet<Key>,
-    dirty_namespaces: HashSet<String>,
-    /// When each pair's Secret must next be rotated.
-    due: HashMap<Key, OffsetDateTime>,
-    /// Consecutive failed reconciles per pair (for the retry backoff).
-    failures: HashMap<Key, u32>,
-}
-
-/// The controller.
-pub struct SecretController {
+/// What an identity-Secret reconcile works with.
+pub(super) struct Context {
     client: kube::Client,
     ca: Arc<CertificateAuthority>,
     trust_domain: String,
     audit: AuditWriter,
     cfg: ControllerConfig,
-    queue: Mutex<Queue>,
-    wake: Notify,
+    namespaces: Store<Namespace>,
+    secrets: Store<Secret>,
+    /// Readiness of `namespaces` and `secrets`.
+    ready: [Ready; 2],
+    events: Recorder,
+    retries: Retries,
+    /// `(namespace, service account)` whose `istio.<sa>` name is taken by a Secret of
+    /// another type (outside the watch): looked up before issuing again.
+    blocked: Mutex<HashSet<(String, String)>>,
 }
 
-/// Whether a namespace is managed (Istio 1.3+ semantics).
-pub fn is_managed(ns: &Namespace, ca_namespace: &str, default_enabled: bool) -> bool {
-    let labels = ns.metadata.labels.as_ref();
-    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-    match label("ca.istio.io/override") {
-        Some("true") => true,
-        Some("false") => false,
-        _ => match label("ca.istio.io/env") {
-            Some(env) => env == ca_namespace,
-            None => default_enabled,
-        },
+/// The cached copy of an identity Secret keeps whether it has a key, not the key.
+fn forget_private_key(secret: &mut Secret) {
+    secret.managed_fields_mut().clear();
+    if let Some(key) = secret.data.as_mut().and_then(|d| d.get_mut("key.pem"))
+        && !key.0.is_empty()
+    {
+        key.0 = b"present".to_vec();
     }
 }
 
-fn data(s: &Secret, k: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(k)
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+fn forget_managed_fields<K: Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
 }
 
-impl SecretController {
-    /// A controller issuing from `ca`.
-    pub fn new(
-        client: kube::Client,
-        ca: Arc<CertificateAuthority>,
-        trust_domain: &str,
-        audit: AuditWriter,
-        cfg: ControllerConfig,
-    ) -> Self {
-        SecretController {
-            client,
-            ca,
-            trust_domain: trust_domain.to_owned(),
-            audit,
-            cfg,
-            queue: Mutex::new(Queue::default()),
-            wake: Notify::new(),
-        }
-    }
-
-    fn mark(&self, key: Key) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dirty
-            .insert(key);
-        self.wake.notify_one();
-    }
-
-    fn mark_namespace(&self, ns: String) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dirty_namespaces
-            .insert(ns);
-        self.wake.notify_one();
-    }
-
-    /// Runs until `shutdown`.
-    pub async fn run(self: Arc<Self>, mut shutdown: shutdown_watch::Receiver<bool>) {
-        let (ns_store, ns_writer) = reflector::store::<Namespace>();
-        let (sa_store, sa_writer) = reflector::store::<ServiceAccount>();
-        let (secret_store, secret_writer) = reflector::store::<Secret>();
-        let cfg = watcher::Config::default();
-        let namespaces = reflector::reflector(
-            ns_writer,
-            watcher(Api::<Namespace>::all(self.client.clone()), cfg.clone()),
-        )
-        .default_backoff();
-        let sas = reflector::reflector(
-            sa_writer,
-            watcher(Api::<ServiceAccount>::all(self.client.clone()), cfg.clone()),
-        )
-        .default_backoff();
-        let secrets = reflector::reflector(
-            secret_writer,
-            watcher(Api::<Secret>::all(self.client.clone()), cfg),
-        )
-        .default_backoff();
-
-        let me = self.clone();
-        let (sa_s, sec_s) = (sa_store.clone(), secret_store.clone());
-        let ns_task = tokio::spawn(async move {
-            let mut s = std::pin::pin!(namespaces);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(
-                        watcher::Event::Apply(ns)
-                        | watcher::Event::Delete(ns)
-                        | watcher::Event::InitApply(ns),
-                    ) => {
-                        let name = ns.metadata.name.clone().unwrap_or_default();
-                        for sa in sa_s
-                            .state()
-                            .iter()
-                            .filter(|sa| sa.metadata.namespace.as_deref() == Some(name.as_str()))
-                        {
-                            me.mark((name.clone(), sa.metadata.name.clone().unwrap_or_default()));
-                        }
-                        me.mark_namespace(name);
-                    }
-                    Ok(watcher::Event::InitDone) => me.resync(&sa_s, &sec_s),
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => tracing::warn!(error = %e, "namespace watch failed; retrying"),
+/// Runs the identity-Secret controller until `stop` resolves.
+pub async fn run(
+    client: kube::Client,
+    ca: Arc<CertificateAuthority>,
+    trust_domain: String,
+    audit: AuditWriter,
+    cfg: ControllerConfig,
+    events: Recorder,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let (secrets, secret_writer) = reflector::store::<Secret>();
+    let (accounts, sa_writer) = reflector::store::<ServiceAccount>();
+    let ns_events = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .modify(forget_managed_fields)
+    .reflect(ns_writer)
+    .touched_objects();
+    let secret_events = watcher(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default().fields(&format!("type={SECRET_TYPE}")),
+    )
+    .modify(forget_private_key)
+    .reflect(secret_writer)
+    .touched_objects();
+    let sa_events = watcher(
+        Api::<ServiceAccount>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .modify(forget_managed_fields)
+    .reflect(sa_writer)
+    .touched_objects();
+    let index = accounts.clone();
+    let ctx = Arc::new(Context {
+        client,
+        ca,
+        trust_domain,
+        audit,
+        retries: Retries::default(),
+        blocked: Mutex::default(),
+        cfg: cfg.clone(),
+        ready: [Ready::of(&namespaces), Ready::of(&secrets)],
+        namespaces,
+        secrets,
+        events,
+    });
+    Controller::for_stream(sa_events, accounts)
+        .watches_stream(secret_events, |s: Secret| {
+            let ns = s.namespace()?;
+            let sa = s.name_any().strip_prefix("istio.")?.to_owned();
+            Some(ObjectRef::new(&sa).within(&ns))
+        })
+        .watches_stream(ns_events, move |n: Namespace| {
+            let name = n.name_any();
+            index
+                .state()
+                .iter()
+                .filter(|sa| sa.namespace().as_deref() == Some(name.as_str()))
+                .map(|sa| ObjectRef::from_obj(sa.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .with_config(controller::Config::default().concurrency(cfg.concurrency))
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            match r {
+                Ok(_) => {}
+                // The account was deleted; the garbage collector takes its Secret.
+                Err(controller::Error::ObjectNotFound(o)) => {
+                    tracing::debug!(object = %o, "service account gone")
                 }
+                Err(e) => tracing::warn!(error = %e, "secret controller"),
             }
-        });
-        let me = self.clone();
-        let (sa_s, sec_s) = (sa_store.clone(), secret_store.clone());
-        let sa_task = tokio::spawn(async move {
-            let mut s = std::pin::pin!(sas);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(
-                        watcher::Event::Apply(sa)
-                        | watcher::Event::Delete(sa)
-                        | watcher::Event::InitApply(sa),
-                    ) => {
-                        me.mark((
-                            sa.metadata.namespace.clone().unwrap_or_default(),
-                            sa.metadata.name.clone().unwrap_or_default(),
-                        ));
-                    }
-                    Ok(watcher::Event::InitDone) => me.resync(&sa_s, &sec_s),
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => tracing::warn!(error = %e, "service account watch failed; retrying"),
-                }
-            }
-        });
-        let me = self.clone();
-        let (sa_s, sec_s) = (sa_store.clone(), secret_store.clone());
-        let secret_task = tokio::spawn(async move {
-            let mut s = std::pin::pin!(secrets);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(
-                        watcher::Event::Apply(sec)
-                        | watcher::Event::Delete(sec)
-                        | watcher::Event::InitApply(sec),
-                    ) => {
-                        let name = sec.metadata.name.clone().unwrap_or_default();
-                        if let Some(sa) = name.strip_prefix("istio.") {
-                            me.mark((
-                                sec.metadata.namespace.clone().unwrap_or_default(),
-                                sa.to_owned(),
-                            ));
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => me.resync(&sa_s, &sec_s),
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => tracing::warn!(error = %e, "secret watch failed; retrying"),
-                }
-            }
-        });
+        })
+        .await;
+}
 
+fn error_policy(sa: Arc<ServiceAccount>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(sa.as_ref()).to_string();
+    let delay = ctx.retries.failed(&key, error);
+    tracing::warn!(service_account = %key, %error, retry_in = ?delay, "identity secret not reconciled");
+    Action::requeue(delay)
+}
+
+async fn reconcile(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let key = ObjectRef::from_obj(sa.as_ref()).to_string();
+    let action = ctx.reconcile(&sa).await?;
+    ctx.retries.succeeded(&key);
+    Ok(action)
+}
+
+impl Context {
+    async fn reconcile(&self, sa: &ServiceAccount) -> Result<Action, ReconcileError> {
         // Decide nothing before every store holds a complete list.
-        tokio::select! {
-            r = async { ns_store.wait_until_ready().await.and(sa_store.wait_until_ready().await).and(secret_store.wait_until_ready().await) } => {
-                if r.is_err() { return; }
-            }
-            _ = shutdown.wait_for(|s| *s) => return,
+        for ready in &self.ready {
+            ready.wait().await?;
         }
-        tracing::info!("secret controller: stores synced; reconciling");
-        let limit = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
-        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
-        loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = sweep.tick() => self.mark_due(),
-                _ = shutdown.wait_for(|s| *s) => break,
-            }
-            let (keys, namespaces) = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                (
-                    std::mem::take(&mut q.dirty),
-                    std::mem::take(&mut q.dirty_namespaces),
-                )
-            };
-            let mut tasks = tokio::task::JoinSet::new();
-            for ns in namespaces {
-                let (me, ns_store, permit) = (
-                    self.clone(),
-                    ns_store.clone(),
-                    limit.clone().acquire_owned().await,
-                );
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    me.reconcile_configmap(&ns_store, &ns).await;
-                });
-            }
-            for key in keys {
-                let (me, stores, permit) = (
-                    self.clone(),
-                    (ns_store.clone(), sa_store.clone(), secret_store.clone()),
-                    limit.clone().acquire_owned().await,
-                );
-                tasks.spawn(async move {
-                    let result = me.reconcile(&stores.0, &stores.1, &stores.2, &key).await;
-                    drop(permit);
-                    me.after_reconcile(key, result);
-                });
-            }
-            while tasks.join_next().await.is_some() {}
+        let (ns, name) = (sa.namespace().unwrap_or_default(), sa.name_any());
+        let managed = self
+            .namespaces
+            .get(&ObjectRef::new(&ns))
+            .is_some_and(|n| is_managed(&n, &self.cfg.ca_namespace, self.cfg.default_enabled));
+        if !managed {
+            return Ok(Action::await_change());
         }
-        ns_task.abort();
-        sa_task.abort();
-        secret_task.abort();
-    }
-
-    /// Failed reconciles are retried after 0.5 s, doubling per consecutive failure up to
-    /// a minute, without holding up the other pairs.
-    fn after_reconcile(self: &Arc<Self>, key: Key, result: Result<(), String>) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(()) => {
-                q.failures.remove(&key);
+        let secret_name = format!("istio.{name}");
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let Some(existing) = self.secrets.get(&ObjectRef::new(&secret_name).within(&ns)) else {
+            return self.create(sa, &api, &ns, &name).await;
+        };
+        match ownership::of_secret(&existing, &name, &self.ca, &self.cfg.ca_namespace) {
+            Ownership::Foreign(why) => {
+                self.conflict(sa, &ns, &secret_name, why).await;
+                // Typed Secrets are watched: a change to it brings the account back.
+                Ok(Action::await_change())
             }
-            Err(e) => {
-                let n = q.failures.entry(key.clone()).or_insert(0);
-                *n = n.saturating_add(1);
-                let delay = Duration::from_millis(500)
-                    .saturating_mul(1u32 << (*n - 1).min(7))
-                    .min(Duration::from_secs(60));
-                tracing::warn!(namespace = %key.0, service_account = %key.1, error = %e, retry_in = ?delay, "reconcile failed");
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    me.mark(key);
-                });
+            Ownership::Adoptable => {
+                self.mark(sa, &api, &secret_name).await?;
+                tracing::info!(namespace = %ns, service_account = %name, "adopted an identity secret this CA's key signed");
+                Ok(Action::await_change())
+            }
+            Ownership::Ours => {
+                let now = OffsetDateTime::now_utc();
+                match self.rotation_time(&existing) {
+                    Some(at) if at > now => {
+                        if !ownership::owned_by(&existing.metadata, sa) {
+                            self.mark(sa, &api, &secret_name).await?;
+                        }
+                        let wait = Duration::try_from(at - now).unwrap_or_default();
+                        Ok(Action::requeue(wait.min(self.cfg.recheck_interval)))
+                    }
+                    _ => self.replace(sa, &api, &existing, &ns, &name).await,
+                }
             }
         }
     }
 
-    fn resync(&self, sas: &Store<ServiceAccount>, secrets: &Store<Secret>) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        for sa in sas.state() {
-            q.dirty.insert((
-                sa.metadata.namespace.clone().unwrap_or_default(),
-                sa.metadata.name.clone().unwrap_or_default(),
-            ));
-            q.dirty_namespaces
-                .insert(sa.metadata.namespace.clone().unwrap_or_default());
-        }
-        for s in secrets.state() {
-            if let Some(sa) = s
-                .metadata
-                .name
-                .as_deref()
-                .and_then(|n| n.strip_prefix("istio."))
-            {
-                q.dirty.insert((
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    sa.to_owned(),
-                ));
+    async fn create(
+        &self,
+        sa: &ServiceAccount,
+        api: &Api<Secret>,
+        ns: &str,
+        name: &str,
+    ) -> Result<Action, ReconcileError> {
+        let key = (ns.to_owned(), name.to_owned());
+        let secret_name = format!("istio.{name}");
+        let blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if blocked {
+            if let Some(other) = call("get secret", api.get_opt(&secret_name)).await? {
+                let why = match ownership::of_secret(&other, name, &self.ca, &self.cfg.ca_namespace)
+                {
+                    Ownership::Foreign(why) => why,
+                    _ => "not of type istio.io/key-and-cert",
+                };
+                self.conflict(sa, ns, &secret_name, why).await;
+                return Err(ReconcileError::NotOurs);
             }
+            self.blocked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
         }
-        drop(q);
-        self.wake.notify_one();
+        let desired = self.desired(sa, ns, name).await?;
+        match timed(
+            "create secret",
+            api.create(&PostParams::default(), &desired),
+        )
+        .await?
+        {
+            Ok(_) => {
+                metrics::counter!("ca_secret_writes_total", "verb" => "create").increment(1);
+                Ok(Action::requeue(self.cfg.recheck_interval))
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Not in the typed watch: a Secret of another type holds the name.
+                // What was issued for it is audited and discarded; until that Secret
+                // goes, nothing more is issued for this account.
+                self.blocked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key);
+                self.conflict(sa, ns, &secret_name, "not of type istio.io/key-and-cert")
+                    .await;
+                Err(ReconcileError::NotOurs)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    fn mark_due(&self) {
-        let now = OffsetDateTime::now_utc();
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let due: Vec<Key> = q
-            .due
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due {
-            q.due.remove(&k);
-            q.dirty.insert(k);
+    async fn replace(
+        &self,
+        sa: &ServiceAccount,
+        api: &Api<Secret>,
+        existing: &Secret,
+        ns: &str,
+        name: &str,
+    ) -> Result<Action, ReconcileError> {
+        let mut desired = self.desired(sa, ns, name).await?;
+        desired.metadata.resource_version = existing.resource_version();
+        // A stale resourceVersion answers 409: someone changed it; retried after backoff
+        // against what the watch then shows.
+        call(
+            "replace secret",
+            api.replace(&desired.name_any(), &PostParams::default(), &desired),
+        )
+        .await?;
+        metrics::counter!("ca_secret_writes_total", "verb" => "update").increment(1);
+        Ok(Action::requeue(self.cfg.recheck_interval))
+    }
+
+    /// Adds the marker and the owner reference, leaving the content as it is.
+    async fn mark(
+        &self,
+        sa: &ServiceAccount,
+        api: &Api<Secret>,
+        secret_name: &str,
+    ) -> Result<(), ReconcileError> {
+        let patch = serde_json::json!({
+            "metadata": {
+                "annotations": ownership::annotations(&self.cfg.ca_namespace, &[]),
+                "ownerReferences": ownership::owner(sa).into_iter().collect::<Vec<_>>(),
+            }
+        });
+        call(
+            "patch secret",
+            api.patch(secret_name, &PatchParams::default(), &Patch::Merge(patch)),
+        )
+        .await?;
+        metrics::counter!("ca_secret_writes_total", "verb" => "patch").increment(1);
+        Ok(())
+    }
+
+    async fn conflict(&self, sa: &ServiceAccount, ns: &str, secret_name: &str, why: &str) {
+        metrics::counter!("ca_controller_conflicts_total", "kind" => "Secret").increment(1);
+        tracing::warn!(namespace = %ns, secret = %secret_name, reason = why, "identity secret belongs to someone else; not replaced");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "SecretNotOwned".into(),
+            note: Some(format!(
+                "Secret {ns}/{secret_name} was not created by this CA ({why}); it is left as it is. Delete it to let the CA create its own."
+            )),
+            action: "CreateIdentitySecret".into(),
+            secondary: None,
+        };
+        let regarding = sa.object_ref(&());
+        let published = call("publish event", self.events.publish(&event, &regarding));
+        if let Err(e) = published.await {
+            tracing::debug!(error = %e, "event not recorded");
         }
     }
 
-    /// When a Secret's certificate must be replaced, or now if it must be replaced now.
+    /// When a Secret's certificate must be replaced; `None`: now.
     fn rotation_time(&self, secret: &Secret) -> Option<OffsetDateTime> {
-        if data(secret, "root-cert.pem").as_deref() != Some(self.ca.roots_pem()) {
+        let data = secret.data.as_ref()?;
+        if data.get("root-cert.pem").map(|r| r.0.as_slice()) != Some(self.ca.roots_pem().as_bytes())
+            || data.get("key.pem").is_none_or(|k| k.0.is_empty())
+        {
             return None;
         }
-        let chain = data(secret, "cert-chain.pem")?;
-        let leaf = ca_core::pem::parse_certificates(chain.as_bytes()).ok()?;
-        let facts = ca_core::x509::inspect(&leaf[0]).ok()?;
-        data(secret, "key.pem")?;
+        let facts = ca_core::x509::inspect(&ownership::leaf_der(secret)?).ok()?;
         let lifetime = (facts.not_after - facts.not_before).as_seconds_f64();
         let grace = (lifetime * self.cfg.grace_ratio).max(self.cfg.min_grace.as_secs_f64());
         Some(facts.not_after - time::Duration::seconds_f64(grace))
     }
 
-    async fn reconcile(
+    /// The Secret to write for `ns/sa`: a fresh key and certificate, audited before
+    /// they leave.
+    async fn desired(
         &self,
-        namespaces: &Store<Namespace>,
-        sas: &Store<ServiceAccount>,
-        secrets: &Store<Secret>,
-        (ns, sa): &Key,
-    ) -> Result<(), String> {
-        let managed = namespaces
-            .get(&ObjectRef::new(ns))
-            .is_some_and(|n| is_managed(&n, &self.cfg.ca_namespace, self.cfg.default_enabled));
-        if !managed {
-            return Ok(());
-        }
-        let name = format!("istio.{sa}");
-        let secret = secrets.get(&ObjectRef::new(&name).within(ns));
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        if sas.get(&ObjectRef::new(sa).within(ns)).is_none() {
-            let ours = secret.as_ref().is_some_and(|s| {
-                s.type_.as_deref() == Some(SECRET_TYPE)
-                    && s.metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(SA_ANNOTATION))
-                        .map(String::as_str)
-                        == Some(sa.as_str())
-            });
-            if ours {
-                match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        tracing::info!(namespace = %ns, service_account = %sa, "service account gone: secret deleted")
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(format!("deleting {ns}/{name}: {e}")),
-                }
-                metrics::counter!("ca_secret_writes_total", "verb" => "delete").increment(1);
-            }
-            self.queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .due
-                .remove(&(ns.clone(), sa.clone()));
-            return Ok(());
-        }
-        let now = OffsetDateTime::now_utc();
-        if let Some(s) = &secret
-            && let Some(at) = self.rotation_time(s)
-            && at > now
-        {
-            self.queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .due
-                .insert((ns.clone(), sa.clone()), at);
-            return Ok(());
-        }
-        let fresh = self.issue(ns, sa).await?;
-        let mut desired = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(ns.clone()),
-                annotations: Some(BTreeMap::from([(SA_ANNOTATION.to_string(), sa.clone())])),
-                ..Default::default()
-            },
-            type_: Some(SECRET_TYPE.into()),
-            data: Some(fresh),
-            ..Default::default()
-        };
-        let result = match &secret {
-            None => api
-                .create(&PostParams::default(), &desired)
-                .await
-                .map(|_| "create"),
-            Some(existing) => {
-                desired.metadata.resource_version = existing.metadata.resource_version.clone();
-                api.replace(&name, &PostParams::default(), &desired)
-                    .await
-                    .map(|_| "update")
-            }
-        };
-        match result {
-            Ok(verb) => {
-                metrics::counter!("ca_secret_writes_total", "verb" => verb).increment(1);
-                tracing::debug!(namespace = %ns, service_account = %sa, verb, "identity secret written");
-                Ok(())
-            }
-            // Someone else wrote it first; the watch will bring it and we decide again.
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(format!("{ns}/{name}: {}", e.message)),
-            Err(e) => Err(format!("writing {ns}/{name}: {e}")),
-        }
-    }
-
-    /// Issues a key and certificate for `ns/sa`, audited before it leaves.
-    async fn issue(&self, ns: &str, sa: &str) -> Result<BTreeMap<String, ByteString>, String> {
-        let identity =
-            SpiffeId::for_service_account(&self.trust_domain, ns, sa).map_err(|e| e.to_string())?;
-        let key = KeyAlgorithm::EcdsaP256
-            .generate()
-            .map_err(|e| e.to_string())?;
-        let public = ca_core::keys::PublicKey::of_key_pair(&key).map_err(|e| e.to_string())?;
+        sa: &ServiceAccount,
+        ns: &str,
+        name: &str,
+    ) -> Result<Secret, ReconcileError> {
+        let identity = SpiffeId::for_service_account(&self.trust_domain, ns, name)?;
+        let key = KeyAlgorithm::EcdsaP256.generate()?;
+        let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
         let now = OffsetDateTime::now_utc();
         let issued = self
             .ca
-            .issue_for_key(&public, &identity, self.cfg.workload_ttl, now)
-            .map_err(|e| e.to_string())?;
+            .issue_for_key(&public, &identity, self.cfg.workload_ttl, now)?;
         debug_assert_eq!(issued.facts.spki_der, key.subject_public_key_info());
         self.audit
             .record(issued_decision(
                 Decision {
                     api: Some(AuditApi::Internal),
                     authenticator: Some("secret-controller".into()),
-                    caller: Some(format!("kubernetes:{ns}/{sa}")),
-                    detail: Some(format!("Secret {ns}/istio.{sa}")),
+                    caller: Some(format!("kubernetes:{ns}/{name}")),
+                    detail: Some(format!("Secret {ns}/istio.{name}")),
                     ..Default::default()
                 },
                 &issued,
                 now,
             ))
-            .await
-            .map_err(|e| format!("audit: {e}"))?;
-        Ok(BTreeMap::from([
-            (
-                "key.pem".to_string(),
-                ByteString(key.serialize_pem().into_bytes()),
-            ),
-            (
-                "cert-chain.pem".to_string(),
-                ByteString(
-                    format!("{}{}", issued.pem(), self.ca.ca_chain_pem().concat()).into_bytes(),
+            .await?;
+        let chain = format!("{}{}", issued.pem(), self.ca.ca_chain_pem().concat());
+        Ok(Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("istio.{name}")),
+                namespace: Some(ns.to_owned()),
+                annotations: Some(ownership::annotations(
+                    &self.cfg.ca_namespace,
+                    &[(SA_ANNOTATION, name)],
+                )),
+                owner_references: ownership::owner(sa).map(|r| vec![r]),
+                ..Default::default()
+            },
+            type_: Some(SECRET_TYPE.into()),
+            data: Some(BTreeMap::from([
+                (
+                    "key.pem".to_owned(),
+                    ByteString(key.serialize_pem().into_bytes()),
                 ),
-            ),
-            (
-                "root-cert.pem".to_string(),
-                ByteString(self.ca.roots_pem().to_owned().into_bytes()),
-            ),
-        ]))
-    }
-
-    /// The root ConfigMap of a managed namespace equals the current trust bundle.
-    async fn reconcile_configmap(&self, namespaces: &Store<Namespace>, ns: &str) {
-        let managed = namespaces
-            .get(&ObjectRef::new(ns))
-            .is_some_and(|n| is_managed(&n, &self.cfg.ca_namespace, self.cfg.default_enabled));
-        if !managed {
-            return;
-        }
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let desired_data =
-            BTreeMap::from([("root-cert.pem".to_string(), self.ca.roots_pem().to_owned())]);
-        let labels = BTreeMap::from([("istio.io/config".to_string(), "true".to_string())]);
-        let result = match api.get_opt(ROOT_CONFIGMAP).await {
-            Ok(Some(cm))
-                if cm.data.as_ref() == Some(&desired_data)
-                    && cm
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("istio.io/config"))
-                        .map(String::as_str)
-                        == Some("true") =>
-            {
-                Ok(None)
-            }
-            Ok(existing) => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(ROOT_CONFIGMAP.into()),
-                        namespace: Some(ns.into()),
-                        labels: Some(labels),
-                        resource_version: existing
-                            .as_ref()
-                            .and_then(|c| c.metadata.resource_version.clone()),
-                        ..Default::default()
-                    },
-                    data: Some(desired_data),
-                    ..Default::default()
-                };
-                if existing.is_some() {
-                    api.replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
-                        .await
-                        .map(|_| Some("update"))
-                } else {
-                    api.create(&PostParams::default(), &cm)
-                        .await
-                        .map(|_| Some("create"))
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(Some(verb)) => {
-                metrics::counter!("ca_configmap_writes_total", "verb" => verb).increment(1)
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(namespace = %ns, error = %e, "root ConfigMap not written; will retry");
-                self.mark_namespace(ns.to_owned());
-            }
-        }
+                ("cert-chain.pem".to_owned(), ByteString(chain.into_bytes())),
+                (
+                    "root-cert.pem".to_owned(),
+                    ByteString(self.ca.roots_pem().as_bytes().to_vec()),
+                ),
+            ])),
+            ..Default::default()
+        })
     }
 }
