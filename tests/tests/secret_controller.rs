@@ -694,3 +694,115 @@ async fn objects_of_others_are_reported_not_replaced() {
     });
     assert_eq!(issued_for(&ca, "ns0/istio.sa0"), 2);
 }
+
+fn lease_holder(api: &KubeApi) -> Option<String> {
+    api.get(Kind::Lease, "istio-system", "istio-ca-leader")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
+/// A holder whose clock runs an hour behind keeps renewing: its `renewTime` always
+/// looks expired to us, but the lease keeps changing, so it is not taken. Once the
+/// renewals stop, it is taken within the lease duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_with_a_skewed_clock_keeps_its_lease() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = populate(&api, 2, 2).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "istio-system");
+    let skewed = || {
+        MicroTime(
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1),
+        )
+    };
+    leases
+        .create(
+            &PostParams::default(),
+            &Lease {
+                metadata: meta("istio-ca-leader", &[]),
+                spec: Some(LeaseSpec {
+                    holder_identity: Some("replica-with-a-slow-clock".into()),
+                    lease_duration_seconds: Some(4),
+                    renew_time: Some(skewed()),
+                    ..Default::default()
+                }),
+            },
+        )
+        .await
+        .unwrap();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let renewer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+            let mut lease = leases.get("istio-ca-leader").await.unwrap();
+            lease.spec.as_mut().unwrap().renew_time = Some(skewed());
+            leases
+                .replace("istio-ca-leader", &PostParams::default(), &lease)
+                .await
+                .unwrap();
+        }
+    });
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &["--secret-controller", "--leader-lease-duration", "4s"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    // Three lease durations.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        lease_holder(&api).as_deref(),
+        Some("replica-with-a-slow-clock")
+    );
+    assert_eq!(api.writes().of("Secret"), 0, "a follower writes nothing");
+    assert_eq!(ca.metric("ca_leader "), 0.0);
+
+    stop.send(true).unwrap();
+    renewer.await.unwrap();
+    let stopped_at = Instant::now();
+    wait_for("the lease taken", Duration::from_secs(10), || {
+        lease_holder(&api).is_some_and(|h| h.ends_with(&format!("-{}", ca.pid().unwrap())))
+    });
+    let took = stopped_at.elapsed();
+    // Unchanged for a lease duration by our clock (4 s), seen within a renew period.
+    assert!(took <= Duration::from_secs(7), "taken after {took:?}");
+    wait_for("the new leader's secrets", Duration::from_secs(15), || {
+        count_identity_secrets(&api) == 4
+    });
+}
+
+/// A leader whose API calls stop being answered stops leading before its lease can
+/// expire for the others, instead of waiting on the hung request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_api_calls_hang_stops_within_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    populate(&api, 1, 1).await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("state"),
+        &["--secret-controller", "--leader-lease-duration", "4s"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    wait_for("leading", Duration::from_secs(15), || {
+        ca.metric("ca_leader ") == 1.0
+    });
+    api.set_slow(Some(Duration::from_secs(120)));
+    let hung = Instant::now();
+    wait_for("leadership given up", Duration::from_secs(10), || {
+        ca.metric("ca_leader ") == 0.0
+    });
+    let took = hung.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "stopped leading {took:?} after the API hung; the lease is 4 s"
+    );
+    assert!(ca.log_text().contains("stopped leading"));
+    assert!(ca.metric("ca_kubernetes_api_timeouts_total{call=\"lease\"}") >= 1.0);
+}

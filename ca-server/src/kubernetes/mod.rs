@@ -78,6 +78,30 @@ pub(crate) async fn api<T>(
     Ok(timed(what, call).await??)
 }
 
+/// Reports that `kind` (`Secret`, `ConfigMap`) on `regarding` belongs to someone else:
+/// a Warning Event, the conflicts metric and a log line. The Recorder folds repeats of
+/// the same event into one series, so a conflict seen on every retry stays one object.
+pub(crate) async fn report_conflict(
+    events: &Recorder,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    kind: &'static str,
+    action: &str,
+    note: String,
+) {
+    metrics::counter!("ca_controller_conflicts_total", "kind" => kind).increment(1);
+    tracing::warn!(kind, %note, "not replaced: it belongs to someone else");
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: format!("{kind}NotOwned"),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = api("publish event", events.publish(&event, regarding)).await {
+        tracing::debug!(error = %e, "event not recorded");
+    }
+}
+
 /// Consecutive failures per object, for the retry backoff: 0.5 s doubling to a minute,
 /// and for objects held by someone else 10 s doubling to five minutes.
 #[derive(Default)]

@@ -15,13 +15,15 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 
 use super::ownership::{self, Ownership};
-use super::{ControllerConfig, Ready, ReconcileError, Retries, api as call, is_managed};
+use super::{
+    ControllerConfig, Ready, ReconcileError, Retries, api as call, is_managed, report_conflict,
+};
 
 /// Root ConfigMap name.
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
@@ -176,21 +178,17 @@ impl Context {
 
     async fn conflict(&self, namespace: &Namespace, why: &str) {
         let ns = namespace.name_any();
-        metrics::counter!("ca_controller_conflicts_total", "kind" => "ConfigMap").increment(1);
-        tracing::warn!(namespace = %ns, reason = why, "root ConfigMap belongs to someone else; not replaced");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "ConfigMapNotOwned".into(),
-            note: Some(format!(
-                "ConfigMap {ns}/{ROOT_CONFIGMAP} was not created by this CA ({why}); it is left as it is."
-            )),
-            action: "WriteRootConfigMap".into(),
-            secondary: None,
-        };
+        let note = format!(
+            "ConfigMap {ns}/{ROOT_CONFIGMAP} was not created by this CA ({why}); it is left as it is."
+        );
         let regarding = namespace.object_ref(&());
-        let published = call("publish event", self.events.publish(&event, &regarding));
-        if let Err(e) = published.await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        report_conflict(
+            &self.events,
+            &regarding,
+            "ConfigMap",
+            "WriteRootConfigMap",
+            note,
+        )
+        .await;
     }
 }

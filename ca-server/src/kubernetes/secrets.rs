@@ -26,7 +26,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -34,7 +34,7 @@ use rcgen::PublicKeyData;
 use time::OffsetDateTime;
 
 use super::ownership::{self, Ownership, SA_ANNOTATION, SECRET_TYPE};
-use super::{Ready, ReconcileError, Retries, api as call, is_managed, timed};
+use super::{Ready, ReconcileError, Retries, api as call, is_managed, report_conflict, timed};
 use crate::audit::{Api as AuditApi, AuditWriter, Decision};
 use crate::issuance::issued_decision;
 
@@ -328,22 +328,17 @@ impl Context {
     }
 
     async fn conflict(&self, sa: &ServiceAccount, ns: &str, secret_name: &str, why: &str) {
-        metrics::counter!("ca_controller_conflicts_total", "kind" => "Secret").increment(1);
-        tracing::warn!(namespace = %ns, secret = %secret_name, reason = why, "identity secret belongs to someone else; not replaced");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "SecretNotOwned".into(),
-            note: Some(format!(
-                "Secret {ns}/{secret_name} was not created by this CA ({why}); it is left as it is. Delete it to let the CA create its own."
-            )),
-            action: "CreateIdentitySecret".into(),
-            secondary: None,
-        };
-        let regarding = sa.object_ref(&());
-        let published = call("publish event", self.events.publish(&event, &regarding));
-        if let Err(e) = published.await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        let note = format!(
+            "Secret {ns}/{secret_name} was not created by this CA ({why}); it is left as it is. Delete it to let the CA create its own."
+        );
+        report_conflict(
+            &self.events,
+            &sa.object_ref(&()),
+            "Secret",
+            "CreateIdentitySecret",
+            note,
+        )
+        .await;
     }
 
     /// When a Secret's certificate must be replaced; `None`: now.
