@@ -21,7 +21,7 @@ pub mod keys;
 mod leaf;
 pub mod pem;
 pub mod policy;
-mod reread;
+pub mod reread;
 pub mod spiffe;
 pub mod statement;
 pub mod x509;

@@ -162,7 +162,7 @@ fn only<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<&'a [u8], String> {
 }
 
 /// Reads a DER certificate into its [`CertFacts`], strictly.
-pub(crate) fn read(der: &[u8]) -> Result<CertFacts, String> {
+pub fn read(der: &[u8]) -> Result<CertFacts, String> {
     read_certificate(der).map_err(|e| format!("certificate does not parse: {e}"))
 }
 
@@ -328,6 +328,8 @@ fn read_extension(
                     other => dotted(other),
                 });
             }
+            facts.ekus.sort();
+            facts.ekus.dedup();
         }
         // Any other extension: one well-formed element.
         _ => {
@@ -340,7 +342,7 @@ fn read_extension(
 }
 
 /// An OID's contents in dotted form (for messages and uncommon key purposes).
-fn dotted(oid: &[u8]) -> String {
+pub(crate) fn dotted(oid: &[u8]) -> String {
     let mut arcs: Vec<u64> = Vec::new();
     let mut value: u64 = 0;
     for b in oid {

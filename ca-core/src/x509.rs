@@ -33,7 +33,8 @@ pub struct CertFacts {
     pub ku_key_encipherment: bool,
     /// keyUsage keyCertSign or cRLSign.
     pub ku_ca_usages: bool,
-    /// Extended key usage OIDs, dotted.
+    /// Extended key usage OIDs, dotted, sorted, each once: a set, so that both
+    /// certificate readers agree whatever order a certificate lists them in.
     pub ekus: Vec<String>,
     /// DER `SubjectPublicKeyInfo`.
     pub spki_der: Vec<u8>,
@@ -189,8 +190,16 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
                 .into_iter()
                 .filter(|(present, _)| *present)
                 .map(|(_, oid)| oid.to_owned())
-                .chain(eku.other.iter().map(|oid| oid.to_id_string()))
+                // Written by the re-check's reader: x509-parser prints a first
+                // subidentifier of 80 or more wrongly (X.690 8.19.4: it is 2.(n-80)).
+                .chain(
+                    eku.other
+                        .iter()
+                        .map(|oid| crate::reread::dotted(oid.as_bytes())),
+                )
                 .collect();
+            facts.ekus.sort();
+            facts.ekus.dedup();
         }
     }
     Ok(facts)

@@ -8,7 +8,7 @@ mod connection;
 pub mod limits;
 mod service;
 pub mod tls;
-mod wire;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -128,17 +128,7 @@ impl JwksCache {
         if resp.status != 200 {
             return Err(format!("HTTP {}", resp.status));
         }
-        let set: JwkSet =
-            serde_json::from_slice(&resp.body).map_err(|e| format!("not a JWK set: {e}"))?;
-        let mut keys = HashMap::new();
-        for k in set.keys {
-            if k.kty != "RSA" || k.alg.as_deref().is_some_and(|a| a != "RS256") {
-                continue;
-            }
-            if let (Some(n), Some(e)) = (k.n, k.e) {
-                keys.insert(k.kid, RsaKey::from_jwk(&n, &e)?);
-            }
-        }
+        let keys = parse(&resp.body)?;
         let max_age = resp
             .max_age
             .map(Duration::from_secs)
@@ -146,4 +136,19 @@ impl JwksCache {
             .min(MAX_MAX_AGE);
         Ok((keys, max_age))
     }
+}
+
+/// The RS256 keys of a JWK set, by `kid`; other key types are skipped.
+pub fn parse(body: &[u8]) -> Result<HashMap<String, RsaKey>, String> {
+    let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWK set: {e}"))?;
+    let mut keys = HashMap::new();
+    for k in set.keys {
+        if k.kty != "RSA" || k.alg.as_deref().is_some_and(|a| a != "RS256") {
+            continue;
+        }
+        if let (Some(n), Some(e)) = (k.n, k.e) {
+            keys.insert(k.kid, RsaKey::from_jwk(&n, &e)?);
+        }
+    }
+    Ok(keys)
 }

@@ -5,7 +5,7 @@
 
 mod compute;
 pub mod config;
-mod jwks;
+pub mod jwks;
 pub mod jwt;
 pub mod mapping;
 
