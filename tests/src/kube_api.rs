@@ -210,6 +210,14 @@ impl KubeApi {
         self.inner.lock().unwrap().reviews
     }
 
+    /// A CA started against this server, its kubeconfig written beside `state_dir`.
+    pub fn start_ca(&self, state_dir: &Path, args: &[&str]) -> crate::CaProcess {
+        let kubeconfig = state_dir.with_extension("kubeconfig");
+        self.write_kubeconfig(&kubeconfig);
+        let kubeconfig = kubeconfig.to_str().expect("UTF-8 path").to_owned();
+        crate::CaProcess::start_with_env(state_dir, args, &[("KUBECONFIG", kubeconfig.as_str())])
+    }
+
     /// Writes a kubeconfig pointing at this server.
     pub fn write_kubeconfig(&self, path: &Path) {
         let text = format!(

@@ -78,13 +78,7 @@ async fn every_managed_service_account_gets_a_secret() {
             .unwrap();
         }
     }
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let ca = CaProcess::start_with_env(
-        &tmp.path().join("state"),
-        &["--secret-controller"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    );
+    let ca = api.start_ca(&tmp.path().join("state"), &["--secret-controller"]);
     let root = ca.root_pem();
     let started = Instant::now();
     wait_for("1,000 identity secrets", Duration::from_secs(120), || {
@@ -259,19 +253,14 @@ async fn only_the_leader_writes_and_a_dead_leader_is_replaced() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApi::start().await;
     let client = populate(&api, 10, 10).await;
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let kc = kubeconfig.display().to_string();
     let args = [
         "--secret-controller",
         "--root-in-secret",
         "--leader-lease-duration",
         "4s",
     ];
-    let mut a =
-        CaProcess::start_with_env(&tmp.path().join("a"), &args, &[("KUBECONFIG", kc.as_str())]);
-    let mut b =
-        CaProcess::start_with_env(&tmp.path().join("b"), &args, &[("KUBECONFIG", kc.as_str())]);
+    let mut a = api.start_ca(&tmp.path().join("a"), &args);
+    let mut b = api.start_ca(&tmp.path().join("b"), &args);
     wait_for("100 secrets", Duration::from_secs(60), || {
         count_identity_secrets(&api) == 100
     });
@@ -358,12 +347,9 @@ async fn api_faults_delay_but_never_lose_or_duplicate() {
     // Fails the first lists (the controller's watches then back off: 0.8 s doubling).
     api.fail_next(5);
     api.set_slow(Some(Duration::from_millis(20)));
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let _ca = CaProcess::start_with_env(
+    let _ca = api.start_ca(
         &tmp.path().join("state"),
         &["--secret-controller", "--leader-elect", "false"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     wait_for("a first secret", Duration::from_secs(60), || {
         count_identity_secrets(&api) > 1
@@ -411,14 +397,9 @@ async fn root_change_updates_every_secret_and_configmap() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApi::start().await;
     populate(&api, 5, 4).await;
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let kc = kubeconfig.display().to_string();
-    let state = tmp.path().join("state");
-    let mut ca = CaProcess::start_with_env(
-        &state,
+    let mut ca = api.start_ca(
+        &tmp.path().join("state"),
         &["--secret-controller", "--leader-elect", "false"],
-        &[("KUBECONFIG", kc.as_str())],
     );
     wait_for("20 secrets", Duration::from_secs(30), || {
         count_identity_secrets(&api) == 20
@@ -444,7 +425,7 @@ async fn root_change_updates_every_secret_and_configmap() {
     std::fs::write(cacerts.join("ca-key.pem"), root_key.serialize_pem()).unwrap();
     std::fs::write(cacerts.join("cert-chain.pem"), root.pem()).unwrap();
     std::fs::write(cacerts.join("root-cert.pem"), root.pem()).unwrap();
-    let _ca2 = CaProcess::start_with_env(
+    let _ca2 = api.start_ca(
         &tmp.path().join("state2"),
         &[
             "--secret-controller",
@@ -453,7 +434,6 @@ async fn root_change_updates_every_secret_and_configmap() {
             "--plugged-ca-dir",
             cacerts.to_str().unwrap(),
         ],
-        &[("KUBECONFIG", kc.as_str())],
     );
     wait_for(
         "every secret on the new root",
@@ -598,9 +578,7 @@ async fn objects_of_others_are_reported_not_replaced() {
     api.forbid_writes(Kind::ConfigMap, true);
     let cm_requests_before = api.requests(Kind::ConfigMap);
 
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let ca = CaProcess::start_with_env(
+    let ca = api.start_ca(
         &tmp.path().join("state"),
         &[
             "--secret-controller",
@@ -609,7 +587,6 @@ async fn objects_of_others_are_reported_not_replaced() {
             "--plugged-ca-dir",
             tmp.path().join("cacerts").to_str().unwrap(),
         ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     wait_for("the other six secrets", Duration::from_secs(30), || {
         api.objects(Kind::Secret)
@@ -746,12 +723,9 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease() {
                 .unwrap();
         }
     });
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let ca = CaProcess::start_with_env(
+    let ca = api.start_ca(
         &tmp.path().join("state"),
         &["--secret-controller", "--leader-lease-duration", "4s"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     // Three lease durations.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -783,12 +757,9 @@ async fn a_leader_whose_api_calls_hang_stops_within_the_lease() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApi::start().await;
     populate(&api, 1, 1).await;
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let ca = CaProcess::start_with_env(
+    let ca = api.start_ca(
         &tmp.path().join("state"),
         &["--secret-controller", "--leader-lease-duration", "4s"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     );
     wait_for("leading", Duration::from_secs(15), || {
         ca.metric("ca_leader ") == 1.0

@@ -212,11 +212,9 @@ impl LeaderElection {
             spec.holder_identity = None;
             spec.renew_time = None;
             let pp = PostParams::default();
-            match self.call(self.api.replace(LEASE_NAME, &pp, &lease)).await {
-                Ok(Ok(_)) => tracing::info!("released the lease"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not release the lease; it will expire")
-                }
+            let released = self.call(self.api.replace(LEASE_NAME, &pp, &lease)).await;
+            match released.and_then(|r| r.map_err(ElectionError::from)) {
+                Ok(_) => tracing::info!("released the lease"),
                 Err(e) => tracing::warn!(error = %e, "could not release the lease; it will expire"),
             }
         }
