@@ -149,6 +149,14 @@ async fn main() {
             )
         }
     };
+    // Signs the anchors pruning moves, as the server's CA does.
+    let ca = ca_core::CertificateAuthority::new_self_signed_root(
+        rcgen::KeyPair::generate().expect("CA key"),
+        "cluster.local",
+        time::OffsetDateTime::now_utc(),
+        std::time::Duration::from_secs(86400),
+    )
+    .expect("CA");
     let store = AuditStore::open(&location, "bench")
         .await
         .expect("open the audit store");
@@ -186,7 +194,7 @@ async fn main() {
             reported = written;
             if let Some(secs) = args.retain_seconds {
                 let cutoff = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs as i64);
-                pruned += store.prune_before(cutoff).await.expect("prune");
+                pruned += store.prune_before(cutoff, &ca).await.expect("prune");
             }
             let (now, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
             let disk = store_bytes(&backend).await;

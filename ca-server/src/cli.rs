@@ -816,16 +816,20 @@ impl AdminTarget {
                 path.display()
             ));
         }
+        let describe = |e: crate::audit::AuditError| format!("{}: {e}", self.store.describe());
+        let AdminRequest::Revoke { serial, reason } = req else {
+            // Reading: no migration under a server of another version, no chain.
+            let store = AuditStore::open_reader(&self.store)
+                .await
+                .map_err(describe)?;
+            return crate::admin::query(&store, &req)
+                .await
+                .ok_or_else(|| "signing needs the running CA".into());
+        };
         let chain = format!("admin@{}", crate::kubernetes::leader::host_name());
         let store = AuditStore::open(&self.store, &chain)
             .await
-            .map_err(|e| format!("{}: {e}", self.store.describe()))?;
-        if let Some(answer) = crate::admin::query(&store, &req).await {
-            return Ok(answer);
-        }
-        let AdminRequest::Revoke { serial, reason } = req else {
-            return Err("signing needs the running CA".into());
-        };
+            .map_err(describe)?;
         let uid = std::fs::metadata("/proc/self")
             .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
             .unwrap_or(u32::MAX);
@@ -1021,11 +1025,12 @@ fn print_response(resp: AdminResponse, json: bool) -> ExitCode {
                     );
                 }
                 println!(
-                    "checked {} records in {} chains, and {} signed checkpoints{}",
+                    "checked {} records in {} chains ({} anchored by retention), and {} signed checkpoints{}",
                     report.checked,
                     report.chains.len(),
+                    report.anchors,
                     report.checkpoints,
-                    if report.checkpoint_signatures_checked || report.checkpoints == 0 {
+                    if report.signatures_checked || report.checkpoints + report.anchors == 0 {
                         ""
                     } else {
                         " (signatures not checked: give --ca-cert)"

@@ -302,6 +302,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     };
     let prune_task = tokio::spawn(prune_audit(
         store.clone(),
+        ca.clone(),
         cfg.audit_retention,
         cfg.audit_prune_interval,
         shutdown.clone(),
@@ -408,13 +409,14 @@ async fn renew_serving_cert(
 
 async fn prune_audit(
     store: Arc<AuditStore>,
+    ca: Arc<CertificateAuthority>,
     retention: Duration,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let cutoff = OffsetDateTime::now_utc() - retention;
-        match store.prune_before(cutoff).await {
+        match store.prune_before(cutoff, &ca).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "audit retention pruned old records"),
             Err(e) => tracing::error!(error = %e, "audit retention failed"),

@@ -92,12 +92,12 @@ async fn append(store: &AuditStore, batch: Vec<Append>) {
 }
 
 async fn problems(store: &AuditStore) -> Vec<String> {
-    store.verify().await.unwrap().problems
+    store.verify(None).await.unwrap().problems
 }
 
 /// Verifies the whole store and returns the report, failing on any problem.
 async fn intact(store: &AuditStore, b: &Backend) -> ca_server::audit::VerifyReport {
-    let report = store.verify().await.unwrap();
+    let report = store.verify(None).await.unwrap();
     assert!(
         report.problems.is_empty(),
         "{}: {:?}",
@@ -159,7 +159,7 @@ async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, 2, "{}", b.name);
+        assert_eq!(versions, 3, "{}", b.name);
         execute(
             &pool,
             "INSERT INTO schema_migrations (version, name, applied_us) VALUES (999, 'future', 0)",
@@ -293,7 +293,12 @@ async fn retention_prunes_records_but_not_what_revocation_needs() {
         append(&store, vec![issued("c1", None), issued("c2", Some("c1"))]).await;
         append(&store, vec![issued("c3", None)]).await;
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
-        assert_eq!(store.prune_before(future).await.unwrap(), 3, "{}", b.name);
+        assert_eq!(
+            store.prune_before(future, &checkpoint_ca()).await.unwrap(),
+            3,
+            "{}",
+            b.name
+        );
         assert!(store.list(&ListFilter::default()).await.unwrap().is_empty());
         let report = intact(&store, &b).await;
         assert_eq!(report.chains[0].first_seq, 4);
@@ -480,5 +485,180 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
             "{}: {found:?}",
             b.name
         );
+    }
+}
+
+/// Fails unless one of `found` contains `expected`.
+fn expect_problem(found: &[String], expected: &str, b: &Backend) {
+    assert!(
+        found.iter().any(|p| p.contains(expected)),
+        "{}: {expected:?} not in {found:?}",
+        b.name
+    );
+}
+
+/// The hash of record `seq` of `chain`, as stored.
+async fn stored_hash(pool: &sqlx::AnyPool, chain: &str, seq: i64) -> Vec<u8> {
+    let (hash,): (Vec<u8>,) = sqlx::query_as(
+        "SELECT r.hash FROM audit_records r JOIN audit_chains c ON c.id = r.chain_id
+          WHERE c.name = $1 AND r.seq = $2",
+    )
+    .bind(chain)
+    .bind(seq)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    hash
+}
+
+/// Deletes records up to `seq` - 1 of `chain` and moves its anchor to `seq`, with the
+/// hash of the record before it: what retention does, done by hand.
+async fn move_anchor_by_hand(pool: &sqlx::AnyPool, chain: &str, seq: i64) {
+    let hash = stored_hash(pool, chain, seq - 1).await;
+    let id = format!("(SELECT id FROM audit_chains WHERE name = '{chain}')");
+    execute(
+        pool,
+        &format!("DELETE FROM audit_records WHERE chain_id = {id} AND seq < {seq}"),
+    )
+    .await;
+    sqlx::query("UPDATE audit_chains SET anchor_seq = $1, anchor_hash = $2 WHERE name = $3")
+        .bind(seq)
+        .bind(hash)
+        .bind(chain)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_behind_a_matching_anchor_are_caught() {
+    use ca_server::audit::checkpoint;
+    for b in backends() {
+        let ca = checkpoint_ca();
+
+        // Records retention would have kept, deleted, and the anchor moved past them
+        // with the right hash: every hash still links, so the chain alone looks intact.
+        let store = AuditStore::open(&b.location, "r").await.unwrap();
+        let pool = connect(&b.location).await;
+        for i in 1..=5 {
+            append(&store, vec![issued(&format!("k{i}"), None)]).await;
+        }
+        move_anchor_by_hand(&pool, "r", 4).await;
+        for ca_cert in [None, Some(ca.cert_der())] {
+            let found = store.verify(ca_cert).await.unwrap().problems;
+            expect_problem(
+                &found,
+                "chain r: records 1 to 3 are gone and the anchor after them carries no signature",
+                &b,
+            );
+        }
+
+        // Retention's own move carries the CA's signature and verifies.
+        let store = AuditStore::open(&b.location, "s").await.unwrap();
+        for i in 1..=3 {
+            append(&store, vec![issued(&format!("l{i}"), None)]).await;
+        }
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        store.prune_before(future, &ca).await.unwrap();
+        for i in 4..=6 {
+            append(&store, vec![issued(&format!("l{i}"), None)]).await;
+        }
+        let report = checkpoint::verify_all(&store, Some(ca.cert_der()), &[])
+            .await
+            .unwrap();
+        let mine: Vec<_> = report
+            .problems
+            .iter()
+            .filter(|p| p.starts_with("chain s"))
+            .collect();
+        assert!(mine.is_empty(), "{}: {mine:?}", b.name);
+        assert_eq!((report.anchors, report.signatures_checked), (2, true));
+
+        // Moving it further by hand keeps a signature, but not one over this anchor.
+        move_anchor_by_hand(&pool, "s", 6).await;
+        let found = store.verify(Some(ca.cert_der())).await.unwrap().problems;
+        expect_problem(
+            &found,
+            "chain s: the anchor at record 6 is not the one the CA signed when retention pruned",
+            &b,
+        );
+        // Nor does another CA's signature pass for this one's.
+        let other = checkpoint_ca();
+        store.prune_before(future, &other).await.unwrap();
+        let found = store.verify(Some(ca.cert_der())).await.unwrap().problems;
+        expect_problem(
+            &found,
+            "chain s: the anchor at record 7 is not the one the CA signed",
+            &b,
+        );
+
+        // A whole chain deleted, its head row with it: a published checkpoint names it.
+        let store = AuditStore::open(&b.location, "t").await.unwrap();
+        append(&store, vec![issued("m1", None)]).await;
+        let published = checkpoint::make(&store, &ca).await.unwrap();
+        let t = "(SELECT id FROM audit_chains WHERE name = 't')";
+        execute(
+            &pool,
+            &format!("DELETE FROM audit_records WHERE chain_id = {t}"),
+        )
+        .await;
+        execute(&pool, "DELETE FROM audit_chains WHERE name = 't'").await;
+        execute(&pool, "DELETE FROM audit_checkpoints").await;
+        let found = checkpoint::verify_all(&store, Some(ca.cert_der()), &[published])
+            .await
+            .unwrap()
+            .problems;
+        expect_problem(&found, "chain t: the chain is gone from the store", &b);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_neither_migrates_nor_writes() {
+    for b in backends() {
+        let store = AuditStore::open(&b.location, "w").await.unwrap();
+        append(&store, vec![issued("n1", None)]).await;
+        let pool = connect(&b.location).await;
+        let chains = || async {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_chains")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        };
+        let reader = AuditStore::open_reader(&b.location).await.unwrap();
+        assert_eq!(reader.list(&ListFilter::default()).await.unwrap().len(), 1);
+        assert!(reader.verify(None).await.unwrap().problems.is_empty());
+        assert_eq!(chains().await, 1, "{}: a reader added a chain", b.name);
+        let refused = reader.append(&[issued("n2", None)]).await.err();
+        assert!(
+            matches!(refused, Some(ca_server::audit::AuditError::ReadOnly)),
+            "{}: {refused:?}",
+            b.name
+        );
+        let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+        assert!(reader.prune_before(future, &checkpoint_ca()).await.is_err());
+        assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 1);
+
+        // A store of an older schema (as a server of the previous version leaves it)
+        // is refused, and left as it is.
+        let newest = ca_server::audit::schema::current_version();
+        execute(
+            &pool,
+            &format!("DELETE FROM schema_migrations WHERE version = {newest}"),
+        )
+        .await;
+        let refused = AuditStore::open_reader(&b.location).await.err().unwrap();
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("schema version {}", newest - 1)),
+            "{}: {refused}",
+            b.name
+        );
+        let (versions,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(versions, newest - 1, "{}: the reader migrated", b.name);
     }
 }

@@ -8,6 +8,12 @@
 //! checkpoint`), and can be copied out and kept where the database's writers cannot
 //! reach; `audit verify --checkpoint FILE --ca-cert FILE` checks one offline against
 //! the CA certificate and then against the store.
+//!
+//! Retention deletes a chain's oldest records and moves the chain's anchor (the
+//! position and hash verification starts from) past them. Someone with write access
+//! could do the same to records retention would have kept; so the CA signs every
+//! anchor it moves ([`anchor_statement`]), and verification refuses an anchor past the
+//! chain's start that does not carry the CA's signature.
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +62,18 @@ impl Checkpoint {
         ca_core::statement::verify_statement(ca_cert_der, self.body.as_bytes(), &signature)
             .map_err(|e| e.to_string())
     }
+}
+
+/// The statement the CA signs when retention moves `chain`'s anchor to `seq`, the
+/// record before it having hashed to `hash`. JSON, so that no two anchors share a
+/// text, and with no field of a [`CheckpointBody`], so that neither can pass for the
+/// other.
+pub fn anchor_statement(chain: &str, seq: u64, hash: &[u8]) -> Vec<u8> {
+    serde_json::json!({
+        "audit_anchor": { "chain": chain, "seq": seq, "hash": ca_core::x509::hex(hash) }
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// Signs the current heads with `ca`, stores the checkpoint and returns it.
@@ -109,19 +127,18 @@ pub async fn check(
 }
 
 /// [`AuditStore::verify`], then every stored checkpoint and every one in `published`
-/// checked against the store. Signatures are checked when the signing CA's
-/// certificate is given; a checkpoint that does not verify is a problem.
+/// checked against the store. Signatures (of checkpoints and of anchors) are checked
+/// when the signing CA's certificate is given; one that does not verify is a problem.
 pub async fn verify_all(
     store: &AuditStore,
     ca_cert_der: Option<&[u8]>,
     published: &[Checkpoint],
 ) -> Result<super::VerifyReport, AuditError> {
-    let mut report = store.verify().await?;
+    let mut report = store.verify(ca_cert_der).await?;
     let stored = store.checkpoints().await?;
     for c in stored.iter().chain(published) {
         report.problems.extend(check(store, c, ca_cert_der).await?);
         report.checkpoints += 1;
     }
-    report.checkpoint_signatures_checked = ca_cert_der.is_some();
     Ok(report)
 }

@@ -5,7 +5,7 @@
 pub mod checkpoint;
 mod record;
 pub mod revocations;
-mod schema;
+pub mod schema;
 mod store;
 mod writer;
 

@@ -5,7 +5,8 @@
 //! Tables:
 //! - `audit_chains`: one hash chain per writer (a replica, an admin command): its head
 //!   (last sequence number and hash) and the anchor verification starts from once
-//!   retention has pruned older records,
+//!   retention has pruned older records, with the CA's signature over that anchor
+//!   (see [`super::checkpoint::anchor_statement`]),
 //! - `audit_records`: every decision, one column each (see [`super::record::Row`]),
 //! - `certificates`: every certificate this CA issued, kept until it expires whatever
 //!   the audit retention, with the serial of the client certificate it was renewed
@@ -154,6 +155,13 @@ CREATE TRIGGER audit_records_inserted AFTER INSERT ON audit_records
 "#,
         },
     },
+    Migration {
+        version: 3,
+        name: "a chain's anchor carries the CA's signature",
+        // NULL until retention first moves the anchor (an anchor at record 1, the
+        // chain's start, needs none).
+        sql: Sql::Both("ALTER TABLE audit_chains ADD COLUMN anchor_signature {bytes};"),
+    },
 ];
 
 /// `sql` in `dialect`'s type names.
@@ -184,6 +192,28 @@ fn render(sql: &str, dialect: Dialect) -> String {
 /// The newest schema version this build knows.
 pub fn current_version() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Checks, without changing anything, that the store's schema is the one this build
+/// writes: what a command that only reads needs (it must not migrate a store under a
+/// server of another version).
+pub async fn check(pool: &AnyPool) -> Result<(), AuditError> {
+    let applied: Result<(i64,), sqlx::Error> =
+        sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(pool)
+            .await;
+    let found = match applied {
+        Ok((v,)) => v,
+        // No table yet: a store no server has opened.
+        Err(sqlx::Error::Database(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let known = current_version();
+    match found.cmp(&known) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(AuditError::SchemaTooNew { found, known }),
+        std::cmp::Ordering::Less => Err(AuditError::SchemaTooOld { found, known }),
+    }
 }
 
 /// Brings the schema up to [`current_version`]. Safe to run from several replicas at

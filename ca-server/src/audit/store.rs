@@ -7,8 +7,9 @@
 //! sessions set `synchronous_commit = on`, so a commit returns once the WAL is flushed.
 //!
 //! Tamper evidence with several writers: each writer appends to a hash chain of its
-//! own (`audit_chains`), locking the chain's head row for the length of its
-//! transaction, so two processes that share a chain name still never fork it.
+//! own (`audit_chains`). Two processes that share a chain name still never fork it:
+//! (chain, seq) is unique, so a writer appending after a stale remembered head has the
+//! whole batch refused, and then appends with the chain's head row locked.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,20 @@ pub enum AuditError {
         /// Newest version this build knows.
         known: i64,
     },
+    /// The store has not been migrated to this build's schema, and the command only
+    /// reads (it does not migrate a store a running server of another version uses).
+    #[error(
+        "the audit store has schema version {found}; this build reads version {known}: start ca-server of this version once to migrate it, or use the ca-server that wrote it"
+    )]
+    SchemaTooOld {
+        /// Version in the store.
+        found: i64,
+        /// Version this build reads.
+        known: i64,
+    },
+    /// A store opened for reading was asked to write.
+    #[error("the audit store was opened for reading only")]
+    ReadOnly,
     /// SQLite could not switch to write-ahead logging, which durability relies on.
     #[error(
         "SQLite at {0} did not accept journal_mode=WAL (a file system without shared-memory support?)"
@@ -274,8 +289,11 @@ pub struct VerifyReport {
     pub chains: Vec<ChainHead>,
     /// Signed checkpoints checked against the chains.
     pub checkpoints: u64,
-    /// Whether their signatures were checked (the CA certificate was at hand).
-    pub checkpoint_signatures_checked: bool,
+    /// Chains whose anchor retention has moved: each must carry the CA's signature.
+    pub anchors: u64,
+    /// Whether the signatures of checkpoints and anchors were checked (the CA
+    /// certificate was at hand); without it only their presence is.
+    pub signatures_checked: bool,
     /// Every problem found; empty means every chain is intact.
     pub problems: Vec<String>,
 }
@@ -294,7 +312,7 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// The writer's chain.
+/// The writer's chain; none for a store opened to read.
 #[derive(Clone, Debug)]
 struct Chain {
     id: i64,
@@ -306,7 +324,8 @@ pub struct AuditStore {
     pool: AnyPool,
     dialect: Dialect,
     location: StoreLocation,
-    chain: Chain,
+    /// The chain appends go to; `None` when opened with [`AuditStore::open_reader`].
+    chain: Option<Chain>,
     /// The chain's head as this writer last committed it, while it is known.
     head: std::sync::Mutex<Option<(i64, [u8; 32])>>,
 }
@@ -452,6 +471,49 @@ impl AuditStore {
     /// Opens (creating and migrating if needed) the store at `location`, appending to
     /// the chain named `chain`.
     pub async fn open(location: &StoreLocation, chain: &str) -> Result<Self, AuditError> {
+        let (pool, dialect) = Self::connect(location).await?;
+        schema::migrate(&pool, dialect).await?;
+        sqlx::query(
+            "INSERT INTO audit_chains (name, head_seq, head_hash, anchor_seq, anchor_hash)
+             VALUES ($1, 0, $2, 1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(chain)
+        .bind(GENESIS_HASH.to_vec())
+        .execute(&pool)
+        .await?;
+        let (id,): (i64,) = sqlx::query_as("SELECT id FROM audit_chains WHERE name = $1")
+            .bind(chain)
+            .fetch_one(&pool)
+            .await?;
+        Ok(AuditStore {
+            pool,
+            dialect,
+            location: location.clone(),
+            chain: Some(Chain {
+                id,
+                name: chain.to_owned(),
+            }),
+            head: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Opens the store at `location` to read (list, show, verify): no migration, no
+    /// chain of its own, and a schema other than this build's is refused. Appending,
+    /// pruning and checkpointing fail with [`AuditError::ReadOnly`].
+    pub async fn open_reader(location: &StoreLocation) -> Result<Self, AuditError> {
+        let (pool, dialect) = Self::connect(location).await?;
+        schema::check(&pool).await?;
+        Ok(AuditStore {
+            pool,
+            dialect,
+            location: location.clone(),
+            chain: None,
+            head: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The connection pool, each connection set up for durable commits.
+    async fn connect(location: &StoreLocation) -> Result<(AnyPool, Dialect), AuditError> {
         sqlx::any::install_default_drivers();
         let dialect = location.dialect();
         if let StoreLocation::Sqlite(path) = location
@@ -487,29 +549,12 @@ impl AuditStore {
                 return Err(AuditError::NoWal(location.describe()));
             }
         }
-        schema::migrate(&pool, dialect).await?;
-        sqlx::query(
-            "INSERT INTO audit_chains (name, head_seq, head_hash, anchor_seq, anchor_hash)
-             VALUES ($1, 0, $2, 1, $2) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(chain)
-        .bind(GENESIS_HASH.to_vec())
-        .execute(&pool)
-        .await?;
-        let (id,): (i64,) = sqlx::query_as("SELECT id FROM audit_chains WHERE name = $1")
-            .bind(chain)
-            .fetch_one(&pool)
-            .await?;
-        Ok(AuditStore {
-            pool,
-            dialect,
-            location: location.clone(),
-            chain: Chain {
-                id,
-                name: chain.to_owned(),
-            },
-            head: std::sync::Mutex::new(None),
-        })
+        Ok((pool, dialect))
+    }
+
+    /// The chain appends go to, or [`AuditError::ReadOnly`].
+    fn chain(&self) -> Result<&Chain, AuditError> {
+        self.chain.as_ref().ok_or(AuditError::ReadOnly)
     }
 
     /// Where the store is, for messages.
@@ -521,6 +566,7 @@ impl AuditStore {
     /// cannot be encoded fail alone; when the transaction fails, the whole batch does
     /// (the outer error) and nothing of it was recorded.
     pub async fn append(&self, batch: &[Append]) -> Result<Appended, AuditError> {
+        self.chain()?;
         let time_us = now_us();
         let simple = batch.len() <= INSERT_ROWS && batch.iter().all(|a| a.revoke.is_none());
         let cached = *self.head.lock().unwrap_or_else(|p| p.into_inner());
@@ -558,6 +604,7 @@ impl AuditStore {
     /// result. Appends that cannot be encoded fail alone and take no place in the chain.
     fn chain_rows<'a>(
         &self,
+        chain: &Chain,
         batch: &'a [Append],
         head: (i64, [u8; 32]),
         time_us: i64,
@@ -569,11 +616,11 @@ impl AuditStore {
             .map(|append| {
                 let row = Row::encode(&append.decision, seq + 1, time_us)?;
                 seq += 1;
-                let hash = row.hash(&prev, &self.chain.name);
+                let hash = row.hash(&prev, &chain.name);
                 prev = hash;
                 rows.push((row, hash, append));
                 Ok(AuditRecord {
-                    chain: self.chain.name.clone(),
+                    chain: chain.name.clone(),
                     seq: seq as u64,
                     time: record::rfc3339_us(time_us),
                     hash: ca_core::x509::hex(&hash),
@@ -595,7 +642,7 @@ impl AuditStore {
         head: (i64, [u8; 32]),
         time_us: i64,
     ) -> Result<Appended, AuditError> {
-        let (rows, results) = self.chain_rows(batch, head, time_us);
+        let (rows, results) = self.chain_rows(self.chain()?, batch, head, time_us);
         if let Some((last, last_hash, _)) = rows.last() {
             let mut conn = WriteConnection::acquire(&self.pool).await?;
             self.insert_records(conn.conn(), &rows).await?;
@@ -617,11 +664,11 @@ impl AuditStore {
             "SELECT head_seq, head_hash FROM audit_chains WHERE id = $1{}",
             self.dialect.for_update()
         )))
-        .bind(self.chain.id)
+        .bind(self.chain()?.id)
         .fetch_one(&mut *tx)
         .await?;
         let head = (head_seq, hash32(&head_hash));
-        let (rows, results) = self.chain_rows(batch, head, time_us);
+        let (rows, results) = self.chain_rows(self.chain()?, batch, head, time_us);
         for chunk in rows.chunks(INSERT_ROWS) {
             self.insert_records(&mut tx, chunk).await?;
         }
@@ -647,6 +694,7 @@ impl AuditStore {
         conn: &mut AnyConnection,
         rows: &[(Row, [u8; 32], &Append)],
     ) -> Result<(), AuditError> {
+        let chain_id = self.chain()?.id;
         let sql = insert_sql(
             self.dialect,
             "audit_records",
@@ -656,7 +704,7 @@ impl AuditStore {
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (row, hash, _) in rows {
-            q = bind_row(q, self.chain.id, row, hash);
+            q = bind_row(q, chain_id, row, hash);
         }
         q.execute(conn).await?;
         Ok(())
@@ -680,14 +728,14 @@ impl AuditStore {
         .bind(revoke.serial.clone())
         .bind(revoke.not_after)
         .bind(reason)
-        .bind(self.chain.id)
+        .bind(self.chain()?.id)
         .bind(row.seq)
         .bind(time_us)
         .execute(&mut **tx)
         .await?;
         let followed: Vec<(String,)> = sqlx::query_as(REVOKE_DESCENDANTS)
             .bind(revoke.serial.clone())
-            .bind(self.chain.id)
+            .bind(self.chain()?.id)
             .bind(row.seq)
             .bind(FOLLOWED)
             .bind(time_us)
@@ -905,21 +953,33 @@ impl AuditStore {
     }
 
     /// Walks every chain and reports modified, deleted, renumbered or truncated
-    /// records, and records of no known chain.
-    pub async fn verify(&self) -> Result<VerifyReport, AuditError> {
+    /// records, records of no known chain, and anchors moved past records without the
+    /// CA's signature (checked against `ca_cert_der`, the signing CA's certificate,
+    /// when given).
+    pub async fn verify(&self, ca_cert_der: Option<&[u8]>) -> Result<VerifyReport, AuditError> {
         let chains: Vec<ChainRow> = sqlx::query_as(
-            "SELECT id, name, head_seq, head_hash, anchor_seq, anchor_hash FROM audit_chains ORDER BY name",
+            "SELECT id, name, head_seq, head_hash, anchor_seq, anchor_hash, anchor_signature
+               FROM audit_chains ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut report = VerifyReport::default();
-        for (id, name, head_seq, head_hash, anchor_seq, anchor_hash) in chains {
+        let mut report = VerifyReport {
+            signatures_checked: ca_cert_der.is_some(),
+            ..VerifyReport::default()
+        };
+        for (id, name, head_seq, head_hash, anchor_seq, anchor_hash, signature) in chains {
             let head = ChainState {
                 head_seq,
                 head_hash: hash32(&head_hash),
                 anchor_seq,
                 anchor_hash: hash32(&anchor_hash),
             };
+            if anchor_seq > 1 {
+                report.anchors += 1;
+                if let Some(p) = anchor_problem(&name, &head, signature.as_deref(), ca_cert_der) {
+                    report.problems.push(format!("chain {name}: {p}"));
+                }
+            }
             self.verify_chain(id, &name, &head, &mut report).await?;
         }
         let (orphans,): (i64,) = sqlx::query_as(
@@ -1018,6 +1078,7 @@ impl AuditStore {
         &self,
         c: &super::checkpoint::Checkpoint,
     ) -> Result<(), AuditError> {
+        self.chain()?;
         let signature = record::decode_hex(&c.signature)
             .ok_or_else(|| AuditError::Corrupt("checkpoint signature is not hex".into()))?;
         sqlx::query("INSERT INTO audit_checkpoints (time_us, body, signature) VALUES ($1, $2, $3)")
@@ -1046,7 +1107,8 @@ impl AuditStore {
 
     /// Whether the chain still holds what a checkpoint stated of it; the problem if not.
     /// A head older than retention is checked against the anchor when it is the record
-    /// just before it, and otherwise cannot be checked any more (not a problem).
+    /// just before it, and otherwise cannot be checked any more (not a problem: the
+    /// anchor past it carries the CA's signature, which [`AuditStore::verify`] checks).
     pub async fn check_head(
         &self,
         head: &super::checkpoint::CheckpointHead,
@@ -1096,16 +1158,22 @@ impl AuditStore {
 
     /// Deletes audit records older than `cutoff`, a bounded transaction at a time per
     /// chain, moving each chain's anchor in the same transaction (so verification keeps
-    /// working across a crash). Certificates and revocations are kept until their
-    /// certificate has expired, whatever the cutoff. Returns how many records went.
-    pub async fn prune_before(&self, cutoff: OffsetDateTime) -> Result<u64, AuditError> {
+    /// working across a crash) and signing the new anchor with `ca`. Certificates and
+    /// revocations are kept until their certificate has expired, whatever the cutoff.
+    /// Returns how many records went.
+    pub async fn prune_before(
+        &self,
+        cutoff: OffsetDateTime,
+        ca: &ca_core::CertificateAuthority,
+    ) -> Result<u64, AuditError> {
+        self.chain()?;
         let cutoff_us = (cutoff.unix_timestamp_nanos() / 1000) as i64;
         let chains: Vec<(i64,)> = sqlx::query_as("SELECT id FROM audit_chains")
             .fetch_all(&self.pool)
             .await?;
         let mut pruned = 0;
         for (chain_id,) in chains {
-            while let n @ 1.. = self.prune_chain_step(chain_id, cutoff_us).await? {
+            while let n @ 1.. = self.prune_chain_step(chain_id, cutoff_us, ca).await? {
                 pruned += n;
             }
         }
@@ -1123,11 +1191,16 @@ impl AuditStore {
     }
 
     /// One transaction of [`AuditStore::prune_before`]: up to [`PRUNE_STEP`] records.
-    async fn prune_chain_step(&self, chain_id: i64, cutoff_us: i64) -> Result<u64, AuditError> {
+    async fn prune_chain_step(
+        &self,
+        chain_id: i64,
+        cutoff_us: i64,
+        ca: &ca_core::CertificateAuthority,
+    ) -> Result<u64, AuditError> {
         let mut conn = WriteConnection::acquire(&self.pool).await?;
         let mut tx = self.dialect.begin_write(conn.conn()).await?;
-        let (anchor_seq,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT anchor_seq FROM audit_chains WHERE id = $1{}",
+        let (name, anchor_seq): (String, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT name, anchor_seq FROM audit_chains WHERE id = $1{}",
             self.dialect.for_update()
         )))
         .bind(chain_id)
@@ -1158,12 +1231,20 @@ impl AuditStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query("UPDATE audit_chains SET anchor_seq = $1, anchor_hash = $2 WHERE id = $3")
-            .bind(last_seq + 1)
-            .bind(last_hash.clone())
-            .bind(chain_id)
-            .execute(&mut *tx)
-            .await?;
+        let statement = super::checkpoint::anchor_statement(&name, *last_seq as u64 + 1, last_hash);
+        let signature = ca
+            .sign_statement(&statement)
+            .map_err(|e| AuditError::Corrupt(format!("signing the anchor: {e}")))?;
+        sqlx::query(
+            "UPDATE audit_chains SET anchor_seq = $1, anchor_hash = $2, anchor_signature = $3
+              WHERE id = $4",
+        )
+        .bind(last_seq + 1)
+        .bind(last_hash.clone())
+        .bind(signature)
+        .bind(chain_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         conn.committed();
         Ok(deleted)
@@ -1173,8 +1254,35 @@ impl AuditStore {
 /// Records per pruning transaction.
 const PRUNE_STEP: i64 = 5000;
 
-/// `audit_chains` as selected: id, name, head (seq, hash), anchor (seq, hash).
-type ChainRow = (i64, String, i64, Vec<u8>, i64, Vec<u8>);
+/// `audit_chains` as selected: id, name, head (seq, hash), anchor (seq, hash,
+/// signature).
+type ChainRow = (i64, String, i64, Vec<u8>, i64, Vec<u8>, Option<Vec<u8>>);
+
+/// What is wrong with a chain's moved anchor, if anything: only the CA moves one (when
+/// retention prunes), and it signs the anchor it moves to.
+fn anchor_problem(
+    name: &str,
+    head: &ChainState,
+    signature: Option<&[u8]>,
+    ca_cert_der: Option<&[u8]>,
+) -> Option<String> {
+    let first = head.anchor_seq;
+    let Some(signature) = signature else {
+        return Some(format!(
+            "records 1 to {} are gone and the anchor after them carries no signature of the CA: they were deleted outside retention",
+            first - 1
+        ));
+    };
+    let statement = super::checkpoint::anchor_statement(name, first as u64, &head.anchor_hash);
+    let der = ca_cert_der?;
+    ca_core::statement::verify_statement(der, &statement, signature)
+        .err()
+        .map(|e| {
+            format!(
+                "the anchor at record {first} is not the one the CA signed when retention pruned ({e}): records before it were deleted outside retention, or the store was signed by another CA"
+            )
+        })
+}
 
 /// A chain's row in `audit_chains`.
 struct ChainState {

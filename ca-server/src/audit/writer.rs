@@ -295,6 +295,6 @@ mod tests {
         );
         drop(writer);
         task.await.unwrap();
-        assert!(store.verify().await.unwrap().problems.is_empty());
+        assert!(store.verify(None).await.unwrap().problems.is_empty());
     }
 }
