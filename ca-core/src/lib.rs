@@ -1,14 +1,15 @@
 //! The pure core of the certificate authority.
 //!
-//! Everything here is deterministic given its inputs (the clock is a parameter, the
-//! randomness comes from `ring`), does no I/O and knows nothing of gRPC, files or
-//! Kubernetes. The issuance path is:
+//! Everything here does no I/O and knows nothing of gRPC, files or Kubernetes; the
+//! randomness comes from `ring`. The issuance time is a parameter; serial numbers
+//! (`authority::fresh_serial`) still read the wall clock themselves. The issuance
+//! path is:
 //!
 //! ```text
 //!   CSR bytes ──► csr::VerifiedCsr        (parse, self-signature, allowed key types)
 //!   caller    ──► spiffe::SpiffeId        (from the authenticator, never the CSR)
 //!   policy    ──► policy::IssuancePolicy  (TTL default / maximum, signer lifetime)
-//!            ──► authority::CertificateAuthority::issue
+//!            ──► authority::CertificateAuthority::issue_from_csr
 //!                   template → sign (behind `CaSigner`) → recheck
 //!            ──► authority::IssuedCertificate
 //! ```

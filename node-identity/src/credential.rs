@@ -1,6 +1,6 @@
 //! Ways for the agent to prove its identity to the CA, behind one trait: the current
-//! certificate in `--certs-dir`, the admin-exported bootstrap bundle, and (later) a GCE
-//! identity token.
+//! certificate in `--certs-dir`, the admin-exported bootstrap bundle, and a GCE
+//! identity token (`crate::gce`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
