@@ -111,8 +111,8 @@ pub fn rsa_modulus_bits(pkcs1: &[u8]) -> Result<u32, der::Error> {
     Ok((modulus.len() as u32) * 8 - leading)
 }
 
-/// Key algorithms this project generates: for the CA itself, exported bundles and the
-/// node agent.
+/// Key algorithms this project generates: for the CA itself, exported bundles, identity
+/// Secrets and the node agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyAlgorithm {
     /// ECDSA P-256 with SHA-256 (the default).

@@ -211,6 +211,11 @@ pub struct ServeArgs {
     /// Lifetime of the certificates in istio.<sa> Secrets.
     #[arg(long, env = "CA_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = duration)]
     pub workload_cert_ttl: Duration,
+    /// Key type of istio.<sa> Secrets: p256, p384, rsa2048 (what Citadel wrote), rsa3072
+    /// or rsa4096. An RSA key takes hundreds of milliseconds to generate; a change
+    /// applies to each Secret at its next rotation.
+    #[arg(long, env = "CA_WORKLOAD_KEY_TYPE", default_value = "p256", value_parser = KeyAlgorithm::parse)]
+    pub workload_key_type: KeyAlgorithm,
     /// Whether namespaces without ca.istio.io/override or ca.istio.io/env labels are managed.
     #[arg(long, env = "CA_NAMESPACES_ENABLED_BY_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     pub namespaces_enabled_by_default: bool,
@@ -568,6 +573,7 @@ pub fn serve_config(
                 ca_namespace: a.ca_namespace.clone(),
                 default_enabled: a.namespaces_enabled_by_default,
                 workload_ttl: a.workload_cert_ttl,
+                workload_key: a.workload_key_type,
                 grace_ratio: a.secret_grace_ratio,
                 min_grace: a.secret_min_grace,
                 concurrency: a.controller_concurrency,

@@ -777,3 +777,34 @@ async fn a_leader_whose_api_calls_hang_stops_within_the_lease() {
     assert!(ca.log_text().contains("stopped leading"));
     assert!(ca.metric("ca_kubernetes_api_timeouts_total{call=\"lease\"}") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secret_keys_can_be_rsa_2048_as_citadel_wrote_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    populate(&api, 1, 3).await;
+    let ca = api.start_ca(
+        &tmp.path().join("state"),
+        &["--secret-controller", "--workload-key-type", "rsa2048"],
+    );
+    wait_for("3 identity secrets", Duration::from_secs(60), || {
+        count_identity_secrets(&api) >= 3
+    });
+    for s in identity_secrets(&api, "ns0") {
+        let key = rcgen::KeyPair::from_pem(&secret_data(&s, "key.pem")).unwrap();
+        let public = ca_core::keys::PublicKey::of_key_pair(&key).unwrap();
+        assert_eq!(public.kind, ca_core::KeyKind::Rsa(2048));
+        let chain =
+            ca_core::pem::parse_certificates(secret_data(&s, "cert-chain.pem").as_bytes()).unwrap();
+        let facts = ca_core::x509::inspect(&chain[0]).unwrap();
+        assert_eq!(public.spki_der(), facts.spki_der);
+    }
+    drop(ca);
+    // A key type the CA does not know is a configuration error, named.
+    let out = std::process::Command::new(e2e::workspace_bin("ca-server"))
+        .args(["serve", "--workload-key-type", "rsa1024"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported key type \"rsa1024\""));
+}

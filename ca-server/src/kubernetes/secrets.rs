@@ -47,6 +47,8 @@ pub struct ControllerConfig {
     pub default_enabled: bool,
     /// Lifetime of workload certificates in Secrets.
     pub workload_ttl: Duration,
+    /// Key type of the keys in Secrets.
+    pub workload_key: KeyAlgorithm,
     /// Rotate when less than this fraction of the lifetime is left.
     pub grace_ratio: f64,
     /// ...but never with less than this left.
@@ -364,7 +366,11 @@ impl Context {
         name: &str,
     ) -> Result<Secret, ReconcileError> {
         let identity = SpiffeId::for_service_account(&self.trust_domain, ns, name)?;
-        let key = KeyAlgorithm::EcdsaP256.generate()?;
+        // RSA generation takes hundreds of milliseconds: off the reconcile workers' threads.
+        let algorithm = self.cfg.workload_key;
+        let key = tokio::task::spawn_blocking(move || algorithm.generate())
+            .await
+            .map_err(|e| ca_core::IssueError::Internal(format!("key generation: {e}")))??;
         let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
         let now = OffsetDateTime::now_utc();
         let issued = self
