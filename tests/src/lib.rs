@@ -28,7 +28,31 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // What cargo sets for this test process only. Build scripts that watch one of
+        // these (ring's watches CARGO_MANIFEST_DIR) would otherwise see it change from
+        // the `cargo test` build, and everything above ring would be rebuilt (~45 s).
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                build.env_remove(&var);
+            }
+        }
+        let out = build
             .args([
                 "build",
                 "--quiet",
@@ -414,10 +438,20 @@ pub fn run_cli(state_dir: &Path, args: &[&str]) -> Output {
 
 /// TLS channel to `addr` trusting `root_pem`, with an optional client identity.
 pub async fn channel(addr: SocketAddr, root_pem: &str, client: Option<(&str, &str)>) -> Channel {
+    channel_to(addr, "istio-ca", root_pem, client).await
+}
+
+/// [`channel`], verifying the server as `server_name`.
+pub async fn channel_to(
+    addr: SocketAddr,
+    server_name: &str,
+    root_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Channel {
     install_crypto();
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root_pem))
-        .domain_name("istio-ca");
+        .domain_name(server_name);
     if let Some((chain, key)) = client {
         tls = tls.identity(Identity::from_pem(chain, key));
     }
