@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders every overlay under deploy/kubernetes (the default = single/, ha/, gce/,
-# namespace/) and the combinations docs/GCE.md describes (ha/ with the GCE component,
-# a pinned internal load-balancer address, an image from a registry), validates each
+# namespace/) and the combinations docs/GCE.md and docs/ISTIO.md describe (ha/ with the
+# GCE component, a pinned internal load-balancer address, an image from a registry,
+# single/ and ha/ with istiod's serving Secret), validates each
 # against the Kubernetes 1.33 schemas offline with a pinned kubernetes-validate from
 # PyPI installed into target/ (not the system), then checks what the overlays promise:
 # the default and ha/ never create, own or relabel a Namespace; gce/ wires its config.
@@ -26,7 +27,8 @@ done
 
 # The combinations the docs tell users to write, as overlays of their own.
 combo=target/kustomize-combos
-rm -rf "$combo" && mkdir -p "$combo/ha-gce" "$combo/gce-static-ip" "$combo/registry"
+rm -rf "$combo" && mkdir -p "$combo/ha-gce" "$combo/gce-static-ip" "$combo/registry" \
+  "$combo/single-istiod" "$combo/ha-istiod"
 cat > "$combo/ha-gce/kustomization.yaml" <<'YAML'
 resources: [../../../deploy/kubernetes/ha]
 components: [../../../deploy/kubernetes/components/gce]
@@ -46,7 +48,14 @@ images:
     newName: europe-docker.pkg.dev/shop-prod/mesh/istio-ca-rs
     newTag: 0.1.0
 YAML
-for c in ha-gce gce-static-ip registry; do
+# docs/ISTIO.md: istiod's serving Secret, on one replica or three.
+for base in single ha; do
+  cat > "$combo/$base-istiod/kustomization.yaml" <<YAML
+resources: [../../../deploy/kubernetes/$base]
+components: [../../../deploy/kubernetes/components/istiod]
+YAML
+done
+for c in ha-gce gce-static-ip registry single-istiod ha-istiod; do
   kubectl kustomize "$combo/$c" > "$out/combo_$c.yaml"
 done
 
@@ -70,4 +79,9 @@ grep -q 'replicas: 3' "$out/combo_ha-gce.yaml" || fail "ha/ with the GCE compone
 grep -q 'loadBalancerIP: ' "$out/combo_gce-static-ip.yaml" || fail "the static address patch did not apply"
 grep -q 'image: europe-docker.pkg.dev/shop-prod/mesh/istio-ca-rs:0.1.0' "$out/combo_registry.yaml" \
   || fail "the image override did not apply"
+for c in single-istiod ha-istiod; do
+  grep -qF -- '--serving-cert-secret=istio-system/istiod-tls=istiod.istio-system.svc,' \
+    "$out/combo_$c.yaml" || fail "$c lacks istiod's serving Secret"
+  grep -qF -- '--secret-controller' "$out/combo_$c.yaml" || fail "$c runs no Secret controller"
+done
 echo "manifests valid: $(ls "$out" | tr '\n' ' ')"

@@ -143,6 +143,7 @@ fn crypto_ceiling_per_core(csr_pem: &str, window: Duration) -> (f64, f64) {
     let policy = IssuancePolicy {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86400),
+        above_max: ca_core::policy::AboveMax::Refuse,
     };
     let started = Instant::now();
     let mut m = 0u64;

@@ -14,6 +14,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 
 use crate::csr::{self, KeyKind};
+use crate::dns::DnsName;
 use crate::error::IssueError;
 use crate::keys::PublicKey;
 use crate::leaf::LeafProfile;
@@ -358,24 +359,69 @@ impl CertificateAuthority {
         Ok(issued(der, facts, spki_digest.as_ref()))
     }
 
-    /// Issues a TLS server certificate for the CA's own endpoint (DNS SANs only).
-    pub fn issue_server_cert(
+    /// Issues a SPIFFE leaf for `identity` that also names `dns_names` (operator
+    /// configuration only: Citadel's names for control-plane service accounts). The
+    /// URI SAN comes first, then the DNS names in the order given. With no DNS names
+    /// this is [`CertificateAuthority::issue_for_key`].
+    pub fn issue_for_key_with_dns(
         &self,
         public_key: &PublicKey,
-        dns_names: &[String],
+        identity: &SpiffeId,
+        dns_names: &[DnsName],
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
-        let validity = self.validity(ttl, now)?;
-        let sans = dns_names
-            .iter()
-            .map(|n| {
-                Ok(match n.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(n.as_str().try_into().map_err(internal)?),
-                })
-            })
-            .collect::<Result<Vec<_>, IssueError>>()?;
+        if dns_names.is_empty() {
+            return self.issue_for_key(public_key, identity, ttl, now);
+        }
+        let sans = std::iter::once(SanType::URI(
+            identity.as_str().try_into().map_err(internal)?,
+        ))
+        .chain(dns_sans(dns_names)?)
+        .collect();
+        let expected = ExpectedSans {
+            uri: Some(identity.as_str()),
+            dns: dns_names,
+            ips: &[],
+        };
+        self.issue_with_sans(public_key, sans, &expected, self.validity(ttl, now)?)
+    }
+
+    /// Issues a TLS server certificate naming `dns_names` and `ips` (no SPIFFE ID):
+    /// the CA's own endpoint, and serving certificates the operator configured.
+    pub fn issue_server_cert(
+        &self,
+        public_key: &PublicKey,
+        dns_names: &[DnsName],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        if dns_names.is_empty() && ips.is_empty() {
+            return Err(IssueError::Internal(
+                "a server certificate needs at least one name".into(),
+            ));
+        }
+        let sans = dns_sans(dns_names)?
+            .into_iter()
+            .chain(ips.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect();
+        let expected = ExpectedSans {
+            uri: None,
+            dns: dns_names,
+            ips,
+        };
+        self.issue_with_sans(public_key, sans, &expected, self.validity(ttl, now)?)
+    }
+
+    /// Signs a leaf template with `sans` (rcgen) and re-checks it against `expected`.
+    fn issue_with_sans(
+        &self,
+        public_key: &PublicKey,
+        sans: Vec<SanType>,
+        expected: &ExpectedSans<'_>,
+        validity: Validity,
+    ) -> Result<IssuedCertificate, IssueError> {
         let params = leaf_template(
             public_key.kind,
             sans,
@@ -383,11 +429,7 @@ impl CertificateAuthority {
             SerialNumber::from_slice(&fresh_serial(&self.rng)?),
         );
         let issued = self.sign(&params, public_key)?;
-        if issued.facts.is_ca || issued.facts.san_count != dns_names.len() {
-            return Err(IssueError::Internal(
-                "server certificate failed the re-check".into(),
-            ));
-        }
+        self.recheck_leaf(&issued.facts, expected, &public_key.spki_der(), validity)?;
         Ok(issued)
     }
 
@@ -415,16 +457,43 @@ impl CertificateAuthority {
         spki: &[u8],
         validity: Validity,
     ) -> Result<(), IssueError> {
+        let expected = ExpectedSans {
+            uri: Some(identity.as_str()),
+            dns: &[],
+            ips: &[],
+        };
+        self.recheck_leaf(facts, &expected, spki, validity)
+    }
+
+    /// What every leaf must be, whatever its names: exactly the expected SANs in a
+    /// critical extension with an empty subject, not a CA, server and client auth, the
+    /// validity decided, the requested key, this CA as issuer.
+    fn recheck_leaf(
+        &self,
+        facts: &CertFacts,
+        expected: &ExpectedSans<'_>,
+        spki: &[u8],
+        validity: Validity,
+    ) -> Result<(), IssueError> {
         let fail = |what: &str| {
             Err(IssueError::Internal(format!(
                 "issued certificate failed the re-check: {what}"
             )))
         };
-        if facts.uri_sans.len() != 1
-            || facts.san_count != 1
-            || facts.uri_sans[0] != identity.as_str()
+        let uris: Vec<&str> = expected.uri.into_iter().collect();
+        if facts.uri_sans != uris {
+            return fail("URI SAN is not exactly the caller's SPIFFE ID");
+        }
+        if !facts
+            .dns_sans
+            .iter()
+            .map(String::as_str)
+            .eq(expected.dns.iter().map(DnsName::as_str))
         {
-            return fail("SAN is not exactly the caller's SPIFFE ID");
+            return fail("DNS SANs are not exactly the configured names");
+        }
+        if facts.san_count != uris.len() + expected.dns.len() + expected.ips.len() {
+            return fail("unexpected SAN entries");
         }
         if !facts.subject_empty || !facts.san_critical {
             return fail("subject must be empty with a critical SAN");
@@ -451,6 +520,21 @@ impl CertificateAuthority {
         }
         Ok(())
     }
+}
+
+/// The SANs a leaf must carry, in order (IP addresses are counted, not compared: the
+/// certificate readers do not decode them).
+struct ExpectedSans<'a> {
+    uri: Option<&'a str>,
+    dns: &'a [DnsName],
+    ips: &'a [std::net::IpAddr],
+}
+
+fn dns_sans(names: &[DnsName]) -> Result<Vec<SanType>, IssueError> {
+    names
+        .iter()
+        .map(|n| Ok(SanType::DnsName(n.as_str().try_into().map_err(internal)?)))
+        .collect()
 }
 
 /// The template of a leaf, from policy and identity only: empty subject (so the SAN is
@@ -596,6 +680,7 @@ pub(crate) mod tests {
     const POLICY: IssuancePolicy = IssuancePolicy {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86400),
+        above_max: crate::policy::AboveMax::Refuse,
     };
 
     #[test]
@@ -665,6 +750,7 @@ pub(crate) mod tests {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let policy = IssuancePolicy {
             max_ttl: Duration::from_secs(3600 * 48),
+            above_max: crate::policy::AboveMax::Refuse,
             ..POLICY
         };
         let issued = ca
@@ -763,5 +849,51 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, AuthorityError::KeyMismatch));
+    }
+
+    /// A SPIFFE leaf with operator-given DNS names: the URI first, then the names in
+    /// order, read alike by both certificate readers; a server certificate names only
+    /// what it was given.
+    #[test]
+    fn dns_names_follow_the_spiffe_id_and_nothing_else_is_added() {
+        let now = OffsetDateTime::now_utc();
+        let ca = root(now);
+        let key =
+            PublicKey::of_key_pair(&KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap())
+                .unwrap();
+        let id = SpiffeId::parse(
+            "spiffe://cluster.local/ns/istio-system/sa/istio-galley-service-account",
+        )
+        .unwrap();
+        let names: Vec<DnsName> = ["istio-galley.istio-system.svc", "istio-galley.istio-system"]
+            .iter()
+            .map(|n| DnsName::parse(n).unwrap())
+            .collect();
+        let ttl = Duration::from_secs(3600);
+        let leaf = ca
+            .issue_for_key_with_dns(&key, &id, &names, ttl, now)
+            .unwrap();
+        assert_eq!(leaf.facts.uri_sans, vec![id.as_str().to_owned()]);
+        assert_eq!(
+            leaf.facts.dns_sans,
+            vec!["istio-galley.istio-system.svc", "istio-galley.istio-system"]
+        );
+        assert_eq!(leaf.facts.san_count, 3);
+        assert!(leaf.facts.san_critical && leaf.facts.subject_empty && !leaf.facts.is_ca);
+        assert_eq!(crate::reread::read(&leaf.der).unwrap(), leaf.facts);
+        assert!(crate::statement::is_signed_by(ca.cert_der(), &leaf.der));
+
+        let plain = ca.issue_for_key_with_dns(&key, &id, &[], ttl, now).unwrap();
+        assert!(plain.facts.dns_sans.is_empty());
+        assert_eq!(plain.facts.san_count, 1);
+
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let server = ca
+            .issue_server_cert(&key, &names[..1], &[ip], ttl, now)
+            .unwrap();
+        assert!(server.facts.uri_sans.is_empty());
+        assert_eq!(server.facts.dns_sans, vec!["istio-galley.istio-system.svc"]);
+        assert_eq!(server.facts.san_count, 2);
+        assert!(ca.issue_server_cert(&key, &[], &[], ttl, now).is_err());
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod authority;
 pub mod csr;
+pub mod dns;
 pub mod error;
 pub mod keys;
 mod leaf;
@@ -29,6 +30,7 @@ pub mod x509;
 
 pub use authority::{CaSigner, CertificateAuthority, IssuedCertificate};
 pub use csr::{KeyKind, VerifiedCsr};
+pub use dns::DnsName;
 pub use error::IssueError;
 pub use policy::IssuancePolicy;
 pub use spiffe::SpiffeId;

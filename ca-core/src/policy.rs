@@ -20,8 +20,20 @@ pub const MIN_TTL: Duration = Duration::from_secs(10);
 pub struct IssuancePolicy {
     /// Lifetime when the caller does not ask for one (0 or negative on the wire).
     pub default_ttl: Duration,
-    /// Largest lifetime a caller may ask for; more is refused, never silently cut.
+    /// Largest lifetime a caller may ask for.
     pub max_ttl: Duration,
+    /// What a request above `max_ttl` gets.
+    pub above_max: AboveMax,
+}
+
+/// What a request for more than the maximum lifetime gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AboveMax {
+    /// Refused (`TtlTooLong`): the caller learns it asked too much.
+    Refuse,
+    /// The maximum. For clients that cannot be told (the old node agents ask for 90
+    /// days by default); the audit record keeps what was asked.
+    Clamp,
 }
 
 /// The validity window granted for one certificate.
@@ -41,6 +53,9 @@ impl IssuancePolicy {
         }
         let requested = Duration::from_secs(requested_secs as u64);
         if requested > self.max_ttl {
+            if self.above_max == AboveMax::Clamp {
+                return Ok(self.max_ttl);
+            }
             return Err(IssueError::TtlTooLong {
                 requested_secs,
                 max_secs: self.max_ttl.as_secs() as i64,
@@ -80,7 +95,20 @@ mod tests {
     const POLICY: IssuancePolicy = IssuancePolicy {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86400),
+        above_max: crate::policy::AboveMax::Refuse,
     };
+
+    #[test]
+    fn clamped_above_the_maximum_when_so_configured() {
+        let clamp = IssuancePolicy {
+            above_max: AboveMax::Clamp,
+            ..POLICY
+        };
+        let ninety_days = 90 * 86400;
+        assert_eq!(clamp.granted_ttl(ninety_days).unwrap(), POLICY.max_ttl);
+        assert_eq!(clamp.granted_ttl(3600).unwrap(), Duration::from_secs(3600));
+        assert_eq!(clamp.granted_ttl(0).unwrap(), POLICY.default_ttl);
+    }
 
     #[test]
     fn default_and_maximum() {

@@ -27,6 +27,8 @@ const ISSUER_UID: u8 = 0x81;
 const SUBJECT_UID: u8 = 0x82;
 const EXTENSIONS: u8 = 0xa3;
 const SAN_URI: u8 = 0x86;
+/// GeneralName dNSName, `[2] IA5String`.
+const SAN_DNS: u8 = 0x82;
 
 const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
 const OID_BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
@@ -206,6 +208,7 @@ fn read_certificate(der: &[u8]) -> Result<CertFacts, String> {
         not_before,
         not_after,
         uri_sans: Vec::new(),
+        dns_sans: Vec::new(),
         san_count: 0,
         san_critical: false,
         // An RDNSequence with no RDN.
@@ -295,6 +298,12 @@ fn read_extension(
                     // ASCII is UTF-8.
                     let uri = std::str::from_utf8(contents).map_err(|e| e.to_string())?;
                     facts.uri_sans.push(uri.to_owned());
+                } else if tag == SAN_DNS {
+                    if !contents.is_ascii() {
+                        return Err("DNS SAN is not IA5".into());
+                    }
+                    let dns = std::str::from_utf8(contents).map_err(|e| e.to_string())?;
+                    facts.dns_sans.push(dns.to_owned());
                 }
             }
         }

@@ -19,6 +19,8 @@ pub struct CertFacts {
     pub not_after: OffsetDateTime,
     /// Every URI SAN, in order.
     pub uri_sans: Vec<String>,
+    /// Every DNS-name SAN, in order.
+    pub dns_sans: Vec<String>,
     /// How many SAN entries there are of any kind.
     pub san_count: usize,
     /// Whether the SAN extension is marked critical.
@@ -130,6 +132,7 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
         not_before: to_offset(tbs.validity.not_before)?,
         not_after: to_offset(tbs.validity.not_after)?,
         uri_sans: Vec::new(),
+        dns_sans: Vec::new(),
         san_count: 0,
         san_critical: false,
         subject_empty: tbs.subject.iter().next().is_none(),
@@ -164,8 +167,10 @@ pub fn inspect(der: &[u8]) -> Result<CertFacts, String> {
             facts.san_critical = ext.critical;
             facts.san_count = san.general_names.len();
             for name in &san.general_names {
-                if let GeneralName::URI(uri) = name {
-                    facts.uri_sans.push((*uri).to_owned());
+                match name {
+                    GeneralName::URI(uri) => facts.uri_sans.push((*uri).to_owned()),
+                    GeneralName::DNSName(dns) => facts.dns_sans.push((*dns).to_owned()),
+                    _ => {}
                 }
             }
         } else if ext.oid == OID_X509_EXT_BASIC_CONSTRAINTS {
@@ -229,6 +234,7 @@ pub(crate) mod tests {
             not_before: time(&tbs.validity().not_before),
             not_after: time(&tbs.validity().not_after),
             uri_sans: Vec::new(),
+            dns_sans: Vec::new(),
             san_count: 0,
             san_critical: false,
             subject_empty: tbs.subject().is_empty(),
@@ -245,8 +251,12 @@ pub(crate) mod tests {
             facts.san_critical = critical;
             facts.san_count = san.0.len();
             for name in san.0 {
-                if let GeneralName::UniformResourceIdentifier(uri) = name {
-                    facts.uri_sans.push(uri.to_string());
+                match name {
+                    GeneralName::UniformResourceIdentifier(uri) => {
+                        facts.uri_sans.push(uri.to_string())
+                    }
+                    GeneralName::DnsName(dns) => facts.dns_sans.push(dns.to_string()),
+                    _ => {}
                 }
             }
         }

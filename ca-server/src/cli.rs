@@ -80,6 +80,12 @@ pub struct ServeArgs {
     /// Longest lifetime a caller may request; longer requests are refused.
     #[arg(long, env = "CA_MAX_TTL", default_value = "24h", value_parser = duration)]
     pub max_ttl: Duration,
+    /// What a legacy HandleCSR request for more than --max-ttl gets: clamp (a
+    /// certificate of --max-ttl; the old node agents ask for 90 days by default and
+    /// renew from the certificate's own lifetime) or refuse (INVALID_ARGUMENT, as
+    /// CreateCertificate always does).
+    #[arg(long, env = "CA_LEGACY_TTL_ABOVE_MAX", value_enum, default_value_t = AboveMaxArg::Clamp)]
+    pub legacy_ttl_above_max: AboveMaxArg,
     /// Longest lifetime of an exported bootstrap bundle.
     #[arg(long, env = "CA_MAX_EXPORT_TTL", default_value = "8760h", value_parser = duration)]
     pub max_export_ttl: Duration,
@@ -230,6 +236,24 @@ pub struct ServeArgs {
     /// bounds the wait when a change was missed.
     #[arg(long, env = "CA_SECRET_CHECK_INTERVAL", default_value = "5m", value_parser = duration)]
     pub secret_check_interval: Duration,
+    /// Citadel's DNS names for webhook service accounts in --ca-namespace: the
+    /// istio.<sa> Secrets of istio-sidecar-injector-service-account and
+    /// istio-galley-service-account also name <service>.<ca-namespace>.svc and
+    /// <service>.<ca-namespace> (service istio-sidecar-injector, istio-galley).
+    #[arg(long, env = "CA_APPEND_DNS_NAMES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub append_dns_names: bool,
+    /// More DNS names for the istio.<sa> Secret of given service accounts, as Citadel's
+    /// flag: SERVICE_ACCOUNT.NAMESPACE:DNS_NAME, comma-separated; an account may be
+    /// named several times (e.g. istio-pilot-service-account.istio-system:istio-pilot.istio-system).
+    #[arg(long, env = "CA_CUSTOM_DNS_NAMES", value_delimiter = ',')]
+    pub custom_dns_names: Vec<String>,
+    /// Keep a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) with a certificate for
+    /// exactly these DNS names, rotated like istio.<sa> Secrets: istiod's serving
+    /// certificate when it runs with ENABLE_CA_SERVER=false (docs/ISTIO.md).
+    /// NAMESPACE/NAME=DNS_NAME[,DNS_NAME...]; repeat the flag for more Secrets (in the
+    /// environment variable, separate them with ';').
+    #[arg(long, env = "CA_SERVING_CERT_SECRET", value_delimiter = ';', value_parser = clap::value_parser!(crate::kubernetes::ServingSecret))]
+    pub serving_cert_secret: Vec<crate::kubernetes::ServingSecret>,
     /// Secrets reconciled in parallel.
     #[arg(long, env = "CA_CONTROLLER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub controller_concurrency: u16,
@@ -243,6 +267,15 @@ pub struct ServeArgs {
     /// This replica's name in the Lease [default: $POD_NAME or the host name, and the pid].
     #[arg(long, env = "CA_LEADER_IDENTITY")]
     pub leader_identity: Option<String>,
+}
+
+/// `--legacy-ttl-above-max` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AboveMaxArg {
+    /// Grant --max-ttl.
+    Clamp,
+    /// Refuse with INVALID_ARGUMENT.
+    Refuse,
 }
 
 /// `export-bundle` flags.
@@ -452,6 +485,8 @@ pub fn serve_config(
     if a.server_names.iter().any(|n| n.trim().is_empty()) || a.server_names.is_empty() {
         return Err("--server-names must list at least one non-empty name".into());
     }
+    let trimmed: Vec<&str> = a.server_names.iter().map(|n| n.trim()).collect();
+    ca_core::dns::names_and_addresses(&trimmed).map_err(|e| format!("--server-names: {e}"))?;
     if a.request_timeout.is_zero() {
         return Err("--request-timeout must be positive".into());
     }
@@ -502,10 +537,20 @@ pub fn serve_config(
         policy: IssuancePolicy {
             default_ttl: a.default_ttl,
             max_ttl: a.max_ttl,
+            above_max: ca_core::policy::AboveMax::Refuse,
+        },
+        legacy_policy: IssuancePolicy {
+            default_ttl: a.default_ttl,
+            max_ttl: a.max_ttl,
+            above_max: match a.legacy_ttl_above_max {
+                AboveMaxArg::Clamp => ca_core::policy::AboveMax::Clamp,
+                AboveMaxArg::Refuse => ca_core::policy::AboveMax::Refuse,
+            },
         },
         export_policy: IssuancePolicy {
             default_ttl: a.max_export_ttl.min(Duration::from_secs(2160 * 3600)),
             max_ttl: a.max_export_ttl,
+            above_max: ca_core::policy::AboveMax::Refuse,
         },
         ca_source,
         server_names: a.server_names.iter().map(|s| s.trim().to_owned()).collect(),
@@ -559,7 +604,13 @@ pub fn serve_config(
                 a.leader_lease_duration.max(Duration::from_secs(2)),
             )
         }),
-        secret_controller: if a.secret_controller {
+        secret_controller: if !a.secret_controller
+            && (!a.serving_cert_secret.is_empty() || !a.custom_dns_names.is_empty())
+        {
+            return Err(
+                "--serving-cert-secret and --custom-dns-names need --secret-controller".into(),
+            );
+        } else if a.secret_controller {
             if !(a.secret_grace_ratio > 0.0 && a.secret_grace_ratio < 1.0) {
                 return Err(format!(
                     "--secret-grace-ratio {} must be between 0 and 1",
@@ -578,6 +629,14 @@ pub fn serve_config(
                 min_grace: a.secret_min_grace,
                 concurrency: a.controller_concurrency,
                 recheck_interval: a.secret_check_interval.max(Duration::from_secs(1)),
+                dns_names: std::sync::Arc::new(crate::kubernetes::names::identity_dns_names(
+                    &a.ca_namespace,
+                    a.append_dns_names,
+                    &a.custom_dns_names,
+                )?),
+                // Filled in once the CA is loaded (server.rs).
+                chain_pem: String::new(),
+                serving_secrets: a.serving_cert_secret.clone(),
             })
         } else {
             None

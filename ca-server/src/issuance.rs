@@ -42,6 +42,9 @@ pub struct Issuance {
     pub ca: Arc<CertificateAuthority>,
     /// Policy for gRPC callers.
     pub policy: IssuancePolicy,
+    /// Policy for callers of the legacy API (the old node agents): `policy`, with what
+    /// `--legacy-ttl-above-max` says of requests above the maximum.
+    pub legacy_policy: IssuancePolicy,
     /// Policy for admin exports (longer-lived bootstrap certificates).
     pub export_policy: IssuancePolicy,
     /// Trust domain of every identity we issue.
@@ -172,15 +175,12 @@ impl Issuance {
                 .deny(base, r.code, r.reason, r.message.clone(), r.message)
                 .await);
         }
-        self.sign_for(
-            base,
-            &caller,
-            csr,
-            requested_ttl_secs,
-            &self.policy,
-            started,
-        )
-        .await
+        let policy = match api {
+            Api::Legacy => &self.legacy_policy,
+            _ => &self.policy,
+        };
+        self.sign_for(base, &caller, csr, requested_ttl_secs, policy, started)
+            .await
     }
 
     /// Policy, signing and audit for an authenticated caller.

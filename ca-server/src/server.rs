@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub trust_domain: String,
     /// TTL policy for gRPC callers.
     pub policy: IssuancePolicy,
+    /// TTL policy for legacy `HandleCSR` callers.
+    pub legacy_policy: IssuancePolicy,
     /// TTL policy for admin exports.
     pub export_policy: IssuancePolicy,
     /// Where the CA comes from.
@@ -107,8 +109,10 @@ async fn refresh_serving_cert(
         .map_err(|e| e.to_string())?;
     let public = ca_core::keys::PublicKey::of_key_pair(&key).map_err(|e| e.to_string())?;
     let now = OffsetDateTime::now_utc();
+    let (names, ips) =
+        ca_core::dns::names_and_addresses(&cfg.server_names).map_err(|e| e.to_string())?;
     let issued = ca
-        .issue_server_cert(&public, &cfg.server_names, cfg.serving_cert_ttl, now)
+        .issue_server_cert(&public, &names, &ips, cfg.serving_cert_ttl, now)
         .map_err(|e| e.to_string())?;
     debug_assert_eq!(key.subject_public_key_info(), issued.facts.spki_der);
     audit
@@ -252,6 +256,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
     let issuance = Arc::new(Issuance {
         ca: ca.clone(),
         policy: cfg.policy,
+        legacy_policy: cfg.legacy_policy,
         export_policy: cfg.export_policy,
         trust_domain: cfg.trust_domain.clone(),
         authn,
@@ -294,7 +299,10 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
             ca.clone(),
             cfg.trust_domain.clone(),
             audit.clone(),
-            c.clone(),
+            crate::kubernetes::ControllerConfig {
+                chain_pem: state::citadel_chain_pem(&cfg.ca_source)?,
+                ..c.clone()
+            },
             cfg.leader_election.clone(),
             shutdown.clone(),
         ))),

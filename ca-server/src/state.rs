@@ -178,6 +178,19 @@ fn load_plugged(dir: &Path) -> Result<CertificateAuthority, StateError> {
     Ok(ca)
 }
 
+/// What Citadel wrote after the leaf in an `istio.<sa>` Secret's `cert-chain.pem`:
+/// nothing under a self-signed root; under a plugged-in CA, the certificates of the
+/// operator's `cert-chain.pem`, as listed there.
+pub fn citadel_chain_pem(source: &CaSource) -> Result<String, StateError> {
+    match source {
+        CaSource::Plugged(dir) => Ok(load_certs(&dir.join("cert-chain.pem"))?
+            .iter()
+            .map(|c| ca_core::pem::certificate(c))
+            .collect()),
+        CaSource::SelfSigned { .. } | CaSource::KubernetesSecret { .. } => Ok(String::new()),
+    }
+}
+
 /// Name of the Secret holding the self-signed root (docs/COMPATIBILITY.md, "Kubernetes objects").
 pub const ROOT_SECRET: &str = "istio-ca-secret";
 

@@ -93,7 +93,8 @@ impl FakeCa {
         let serving = ca
             .issue_server_cert(
                 &server_pub,
-                &["istio-ca".into()],
+                &[ca_core::DnsName::parse("istio-ca").unwrap()],
+                &[],
                 Duration::from_secs(3600),
                 now,
             )
@@ -146,6 +147,7 @@ fn policy() -> ca_core::IssuancePolicy {
     ca_core::IssuancePolicy {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86400),
+        above_max: ca_core::policy::AboveMax::Refuse,
     }
 }
 

@@ -358,7 +358,14 @@ fn bad_gce_configuration_is_exit_64() {
             "allowed_projects = []\n[[mapping]]\nnamespace = \"a\"\nservice_account = \"b\"\n",
             "allowed_projects",
         ),
-        ("allowed_projects = [\"p\"]\n", "no [[mapping]] rule"),
+        (
+            "allowed_projects = [\"p\"]\n",
+            "no [[mapping]] or [[service_account_token]] rule",
+        ),
+        (
+            "allowed_projects = [\"p\"]\n[[service_account_token]]\nunique_id = \"vm-sa@p\"\nnamespace = \"a\"\nservice_account = \"b\"\n",
+            "is not a service account's numeric unique id",
+        ),
         ("allowed_projects = [\"p\"]\nbogus = 1\n", "bogus"),
         (
             "allowed_projects = [\"p\"]\n[[mapping]]\nlabels = { a = \"b\" }\nnamespace = \"a\"\nservice_account = \"b\"\n",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use e2e::CaProcess;
 use e2e::kube_api::meta;
-use e2e::kube_api::{Kind, KubeApi};
+use e2e::kube_api::{Kind, KubeApi, TokenOwner, make_token};
 use e2e::wait_for;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -106,7 +106,7 @@ async fn every_managed_service_account_gets_a_secret() {
             let chain =
                 ca_core::pem::parse_certificates(secret_data(s, "cert-chain.pem").as_bytes())
                     .unwrap();
-            assert_eq!(chain.len(), 2, "leaf + root");
+            assert_eq!(chain.len(), 1, "the leaf alone, as Citadel wrote it");
             let facts = ca_core::x509::inspect(&chain[0]).unwrap();
             assert_eq!(
                 facts.uri_sans,
@@ -807,4 +807,317 @@ async fn secret_keys_can_be_rsa_2048_as_citadel_wrote_them() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported key type \"rsa1024\""));
+}
+
+/// Creates namespace `ns` (unlabelled) with service accounts `sas`.
+async fn create_accounts(client: &kube::Client, ns: &str, sas: &[&str]) {
+    let pp = PostParams::default();
+    let namespace = Namespace {
+        metadata: meta(ns, &[]),
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&pp, &namespace)
+        .await
+        .unwrap();
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    for sa in sas {
+        let account = ServiceAccount {
+            metadata: meta(sa, &[]),
+            ..Default::default()
+        };
+        api.create(&pp, &account).await.unwrap();
+    }
+}
+
+/// The leaf of a PEM chain, its facts, and the leaf alone as PEM.
+fn first_cert(chain_pem: &str) -> (ca_core::x509::CertFacts, String) {
+    let der = ca_core::pem::parse_certificates(chain_pem.as_bytes()).unwrap()[0].to_vec();
+    (
+        ca_core::x509::inspect(&der).unwrap(),
+        ca_core::pem::certificate(&der),
+    )
+}
+
+/// `openssl verify -x509_strict` of `leaf_pem` against `root_pem`, with `extra` flags.
+fn openssl_verifies(dir: &std::path::Path, leaf_pem: &str, root_pem: &str, extra: &[&str]) {
+    std::fs::write(dir.join("leaf.pem"), leaf_pem).unwrap();
+    std::fs::write(dir.join("root.pem"), root_pem).unwrap();
+    let mut args = vec!["verify", "-x509_strict", "-CAfile", "root.pem"];
+    args.extend_from_slice(extra);
+    args.push("leaf.pem");
+    let out = e2e::openssl(dir, &args);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("leaf.pem: OK"));
+}
+
+/// The CA's own namespace is managed as Citadel managed it: its control-plane service
+/// accounts get `istio.<sa>` Secrets, the webhook accounts with Citadel's DNS names,
+/// the operator's `--custom-dns-names` added; `cert-chain.pem` is the leaf alone under
+/// a self-signed root, as Citadel wrote it. istiod's serving Secret appears with
+/// exactly its configured names, verifies against the root as a TLS server for them,
+/// and rotates. A Secret of that name held by someone else is left alone and reported.
+/// No DNS name reaches a certificate any other way: a token of the same webhook
+/// account gets a plain SPIFFE leaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_system_gets_citadel_names_and_istiod_its_serving_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let client = kube::Client::try_from(kube::Config::new(
+        format!("http://{}", api.addr).parse().unwrap(),
+    ))
+    .unwrap();
+    let pp = PostParams::default();
+    let accounts = [
+        "default",
+        "istiod",
+        "istio-ingressgateway-service-account",
+        "istio-sidecar-injector-service-account",
+        "istio-galley-service-account",
+        "istio-pilot-service-account",
+    ];
+    create_accounts(&client, "istio-system", &accounts).await;
+    create_accounts(&client, "web", &["default"]).await;
+    // An application Secret that holds the name of the second serving Secret.
+    let taken = Secret {
+        metadata: meta("taken", &[]),
+        type_: Some("Opaque".into()),
+        data: Some(
+            [(
+                "password".to_string(),
+                k8s_openapi::ByteString(b"hunter2".to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), "web")
+        .create(&pp, &taken)
+        .await
+        .unwrap();
+
+    let istiod_names =
+        "istiod.istio-system.svc,istiod-remote.istio-system.svc,istio-pilot.istio-system.svc";
+    let serving = format!("istio-system/istiod-tls={istiod_names}");
+    let ca = api.start_ca(
+        &tmp.path().join("state"),
+        &[
+            "--secret-controller",
+            "--kubernetes-token-auth",
+            "--custom-dns-names",
+            "istio-pilot-service-account.istio-system:istio-pilot.istio-system,istio-pilot-service-account.istio-system:pilot.example.com",
+            "--serving-cert-secret",
+            &serving,
+            "--serving-cert-secret",
+            "web/taken=web.example.com",
+            "--workload-cert-ttl",
+            "12s",
+            "--secret-min-grace",
+            "2s",
+        ],
+    );
+    let root = ca.root_pem();
+    wait_for(
+        "every istio-system account's Secret",
+        Duration::from_secs(30),
+        || identity_secrets(&api, "istio-system").len() == accounts.len(),
+    );
+    let expected_dns = |sa: &str| -> Vec<&str> {
+        match sa {
+            "istio-sidecar-injector-service-account" => vec![
+                "istio-sidecar-injector.istio-system.svc",
+                "istio-sidecar-injector.istio-system",
+            ],
+            "istio-galley-service-account" => {
+                vec!["istio-galley.istio-system.svc", "istio-galley.istio-system"]
+            }
+            "istio-pilot-service-account" => vec!["istio-pilot.istio-system", "pilot.example.com"],
+            _ => vec![],
+        }
+    };
+    for sa in accounts {
+        let s = api
+            .get(Kind::Secret, "istio-system", &format!("istio.{sa}"))
+            .unwrap();
+        let chain = secret_data(&s, "cert-chain.pem");
+        assert_eq!(
+            ca_core::pem::parse_certificates(chain.as_bytes())
+                .unwrap()
+                .len(),
+            1,
+            "cert-chain.pem is the leaf alone under a self-signed root, as Citadel wrote it"
+        );
+        let (facts, leaf) = first_cert(&chain);
+        assert_eq!(
+            facts.uri_sans,
+            vec![format!("spiffe://cluster.local/ns/istio-system/sa/{sa}")]
+        );
+        assert_eq!(facts.dns_sans, expected_dns(sa), "{sa}");
+        openssl_verifies(tmp.path(), &leaf, &root, &[]);
+        if let Some(name) = expected_dns(sa).first() {
+            openssl_verifies(tmp.path(), &leaf, &root, &["-verify_hostname", name]);
+        }
+    }
+
+    // istiod's serving Secret.
+    let serving_leaf = |api: &KubeApi| {
+        let s = api.get(Kind::Secret, "istio-system", "istiod-tls")?;
+        Some((s.clone(), first_cert(&secret_data(&s, "tls.crt"))))
+    };
+    wait_for("istiod's serving Secret", Duration::from_secs(30), || {
+        serving_leaf(&api).is_some()
+    });
+    let (s, (facts, leaf)) = serving_leaf(&api).unwrap();
+    assert_eq!(s["type"], "kubernetes.io/tls");
+    assert_eq!(
+        s["metadata"]["annotations"]["ca.istio.io/managed-by"],
+        "istio-ca.istio-system"
+    );
+    assert_eq!(facts.dns_sans, istiod_names.split(',').collect::<Vec<_>>());
+    assert!(
+        facts.uri_sans.is_empty(),
+        "a serving certificate, no SPIFFE ID"
+    );
+    assert_eq!(facts.san_count, 3);
+    assert_eq!(secret_data(&s, "ca.crt"), root);
+    let key = rcgen::KeyPair::from_pem(&secret_data(&s, "tls.key")).unwrap();
+    assert_eq!(
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+        facts.spki_der
+    );
+    for name in istiod_names.split(',') {
+        openssl_verifies(
+            tmp.path(),
+            &leaf,
+            &secret_data(&s, "ca.crt"),
+            &["-purpose", "sslserver", "-verify_hostname", name],
+        );
+    }
+    // Rotated before expiry: a new serial, still for the same names.
+    let first_serial = facts.serial.clone();
+    wait_for(
+        "istiod's certificate rotated",
+        Duration::from_secs(20),
+        || serving_leaf(&api).is_some_and(|(_, (f, _))| f.serial != first_serial),
+    );
+    let (_, (rotated, rotated_pem)) = serving_leaf(&api).unwrap();
+    assert_eq!(rotated.dns_sans, facts.dns_sans);
+    assert!(rotated.not_after > facts.not_after);
+    openssl_verifies(
+        tmp.path(),
+        &rotated_pem,
+        &root,
+        &[
+            "-purpose",
+            "sslserver",
+            "-verify_hostname",
+            "istiod.istio-system.svc",
+        ],
+    );
+    let audited = ca
+        .audit_records(&["--outcome", "issued"])
+        .iter()
+        .filter(|r| {
+            r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("serving Secret istio-system/istiod-tls"))
+        })
+        .count();
+    assert!(
+        audited >= 2,
+        "every serving certificate is audited: {audited}"
+    );
+
+    // The name someone else holds: untouched, and reported on its namespace.
+    wait_for("the conflict reported", Duration::from_secs(15), || {
+        events_with_reason(&api, "SecretNotOwned")
+            .iter()
+            .any(|e| e["regarding"]["kind"] == "Namespace" && e["regarding"]["name"] == "web")
+    });
+    let still = api.get(Kind::Secret, "web", "taken").unwrap();
+    assert_eq!(still["type"], "Opaque");
+    assert_eq!(secret_data(&still, "password"), "hunter2");
+
+    // A caller of the webhook account over gRPC gets its SPIFFE ID and nothing more.
+    let token = make_token("istio-system", "istio-galley-service-account", "g1");
+    api.add_token(
+        &token,
+        TokenOwner::service_account(
+            "istio-system",
+            "istio-galley-service-account",
+            &["istio-ca"],
+        ),
+    );
+    let ch = ca.channel(None).await;
+    let chain = e2e::create_with_bearer(&ch, &token).await.unwrap();
+    let (facts, _) = first_cert(&chain[0]);
+    assert!(
+        facts.dns_sans.is_empty(),
+        "DNS names only on the controller path"
+    );
+    assert_eq!(facts.san_count, 1);
+    drop(ca);
+
+    // Names that are no DNS names are configuration errors, named.
+    for (flag, value, says) in [
+        (
+            "--serving-cert-secret",
+            "istio-system/x=*.svc",
+            "not a DNS name",
+        ),
+        (
+            "--serving-cert-secret",
+            "istiod-tls=istiod.istio-system.svc",
+            "no '/'",
+        ),
+        (
+            "--custom-dns-names",
+            "istiod:istiod.istio-system.svc",
+            "SERVICE_ACCOUNT.NAMESPACE",
+        ),
+    ] {
+        let out = std::process::Command::new(e2e::workspace_bin("ca-server"))
+            .args(["serve", "--secret-controller", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flag} {value}: {err}");
+    }
+}
+
+/// Under a plugged-in CA, `cert-chain.pem` is the leaf followed by the operator's
+/// `cert-chain.pem` as given (here the intermediate alone, as Istio's old samples
+/// shipped it), as Citadel wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cert_chain_follows_the_operators_cert_chain_as_citadel_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    populate(&api, 1, 2).await;
+    let cacerts = tmp.path().join("cacerts");
+    let plugged = e2e::PluggedCa::write(&cacerts);
+    std::fs::write(cacerts.join("cert-chain.pem"), &plugged.intermediate_pem).unwrap();
+    let _ca = api.start_ca(
+        &tmp.path().join("state"),
+        &[
+            "--secret-controller",
+            "--plugged-ca-dir",
+            cacerts.to_str().unwrap(),
+        ],
+    );
+    wait_for("2 identity secrets", Duration::from_secs(30), || {
+        count_identity_secrets(&api) == 2
+    });
+    for s in identity_secrets(&api, "ns0") {
+        let chain = secret_data(&s, "cert-chain.pem");
+        let (_, leaf) = first_cert(&chain);
+        assert_eq!(chain, format!("{leaf}{}", plugged.intermediate_pem));
+        assert_eq!(secret_data(&s, "root-cert.pem"), plugged.root_pem);
+        std::fs::write(tmp.path().join("chain.pem"), &plugged.intermediate_pem).unwrap();
+        openssl_verifies(
+            tmp.path(),
+            &leaf,
+            &plugged.root_pem,
+            &["-untrusted", "chain.pem"],
+        );
+    }
 }

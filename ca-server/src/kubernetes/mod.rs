@@ -1,15 +1,19 @@
 //! Kubernetes integration beyond authentication: the controllers that keep an
 //! `istio.<sa>` Secret for every service account of every managed namespace
-//! ([`secrets`]) and the `istio-ca-root-cert` ConfigMap in each of them ([`rootcert`]),
-//! writing only what is theirs ([`ownership`]), and the election that lets one replica
-//! run them ([`leader`]).
+//! ([`secrets`]), the `istio-ca-root-cert` ConfigMap in each of them ([`rootcert`]) and
+//! the serving-certificate Secrets the operator names ([`serving`]), with only the DNS
+//! names the operator configured ([`names`]), writing only what is theirs
+//! ([`ownership`]), and the election that lets one replica run them ([`leader`]).
 
 pub mod leader;
+pub mod names;
 pub mod ownership;
 pub mod rootcert;
 pub mod secrets;
+pub mod serving;
 
 pub use leader::LeaderElection;
+pub use names::ServingSecret;
 pub use secrets::ControllerConfig;
 
 use std::collections::HashMap;
@@ -100,6 +104,20 @@ pub(crate) async fn report_conflict(
     if let Err(e) = api("publish event", events.publish(&event, regarding)).await {
         tracing::debug!(error = %e, "event not recorded");
     }
+}
+
+/// Reports that Secret `ns/name` belongs to someone else (see [`report_conflict`]).
+pub(crate) async fn report_secret_conflict(
+    events: &Recorder,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    action: &str,
+    (ns, name): (&str, &str),
+    why: &str,
+) {
+    let note = format!(
+        "Secret {ns}/{name} was not created by this CA ({why}); it is left as it is. Delete it to let the CA create its own."
+    );
+    report_conflict(events, regarding, "Secret", action, note).await;
 }
 
 /// Consecutive failures per object, for the retry backoff: 0.5 s doubling to a minute,
@@ -237,8 +255,16 @@ pub async fn run_controllers(
             client.clone(),
             ca.clone(),
             cfg.clone(),
+            events.clone(),
+            stopped(stop_rx.clone()),
+        ));
+        task.spawn(serving::run(
+            client.clone(),
+            ca.clone(),
+            audit.clone(),
+            cfg.clone(),
             events,
-            stopped(stop_rx),
+            stop_rx,
         ));
         tokio::select! {
             _ = leading.wait_for(|l| !*l) => {}

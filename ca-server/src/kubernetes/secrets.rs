@@ -33,8 +33,11 @@ use kube::{Resource, ResourceExt};
 use rcgen::PublicKeyData;
 use time::OffsetDateTime;
 
+use super::names::{IdentityDnsNames, ServingSecret};
 use super::ownership::{self, Ownership, SA_ANNOTATION, SECRET_TYPE};
-use super::{Ready, ReconcileError, Retries, api as call, is_managed, report_conflict, timed};
+use super::{
+    Ready, ReconcileError, Retries, api as call, is_managed, report_secret_conflict, timed,
+};
 use crate::audit::{Api as AuditApi, AuditWriter, Decision};
 use crate::issuance::issued_decision;
 
@@ -57,6 +60,24 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Longest time between two looks at one Secret.
     pub recheck_interval: Duration,
+    /// DNS names added to `istio.<sa>` certificates, by `(namespace, service account)`
+    /// (Citadel's `--append-dns-names` and `--custom-dns-names`).
+    pub dns_names: Arc<IdentityDnsNames>,
+    /// What follows the leaf in `cert-chain.pem`, as Citadel wrote it: nothing under a
+    /// self-signed root, the operator's `cert-chain.pem` under a plugged-in CA.
+    pub chain_pem: String,
+    /// Serving-certificate Secrets to keep (`--serving-cert-secret`).
+    pub serving_secrets: Vec<ServingSecret>,
+}
+
+impl ControllerConfig {
+    /// When a certificate of this lifetime must be replaced: `--secret-grace-ratio` of
+    /// its life before expiry, and at least `--secret-min-grace`.
+    pub(super) fn renew_at(&self, facts: &ca_core::x509::CertFacts) -> OffsetDateTime {
+        let lifetime = (facts.not_after - facts.not_before).as_seconds_f64();
+        let grace = (lifetime * self.grace_ratio).max(self.min_grace.as_secs_f64());
+        facts.not_after - time::Duration::seconds_f64(grace)
+    }
 }
 
 /// What an identity-Secret reconcile works with.
@@ -79,8 +100,14 @@ pub(super) struct Context {
 
 /// The cached copy of an identity Secret keeps whether it has a key, not the key.
 fn forget_private_key(secret: &mut Secret) {
+    forget_field(secret, "key.pem");
+}
+
+/// Drops managedFields, and replaces data `field` (a private key) by a marker that it
+/// was there: what a cached copy of a Secret keeps.
+pub(super) fn forget_field(secret: &mut Secret, field: &str) {
     secret.managed_fields_mut().clear();
-    if let Some(key) = secret.data.as_mut().and_then(|d| d.get_mut("key.pem"))
+    if let Some(key) = secret.data.as_mut().and_then(|d| d.get_mut(field))
         && !key.0.is_empty()
     {
         key.0 = b"present".to_vec();
@@ -216,7 +243,7 @@ impl Context {
             }
             Ownership::Ours => {
                 let now = OffsetDateTime::now_utc();
-                match self.rotation_time(&existing) {
+                match self.rotation_time(&existing, &ns, &name) {
                     Some(at) if at > now => {
                         if !ownership::owned_by(&existing.metadata, sa) {
                             self.mark(sa, &api, &secret_name).await?;
@@ -330,21 +357,21 @@ impl Context {
     }
 
     async fn conflict(&self, sa: &ServiceAccount, ns: &str, secret_name: &str, why: &str) {
-        let note = format!(
-            "Secret {ns}/{secret_name} was not created by this CA ({why}); it is left as it is. Delete it to let the CA create its own."
-        );
-        report_conflict(
+        let regarding = sa.object_ref(&());
+        let secret = (ns, secret_name);
+        report_secret_conflict(
             &self.events,
-            &sa.object_ref(&()),
-            "Secret",
+            &regarding,
             "CreateIdentitySecret",
-            note,
+            secret,
+            why,
         )
         .await;
     }
 
-    /// When a Secret's certificate must be replaced; `None`: now.
-    fn rotation_time(&self, secret: &Secret) -> Option<OffsetDateTime> {
+    /// When a Secret's certificate must be replaced; `None`: now (it is unreadable, its
+    /// roots or DNS names are not the current ones, or its key is missing).
+    fn rotation_time(&self, secret: &Secret, ns: &str, sa: &str) -> Option<OffsetDateTime> {
         let data = secret.data.as_ref()?;
         if data.get("root-cert.pem").map(|r| r.0.as_slice()) != Some(self.ca.roots_pem().as_bytes())
             || data.get("key.pem").is_none_or(|k| k.0.is_empty())
@@ -352,9 +379,18 @@ impl Context {
             return None;
         }
         let facts = ca_core::x509::inspect(&ownership::leaf_der(secret)?).ok()?;
-        let lifetime = (facts.not_after - facts.not_before).as_seconds_f64();
-        let grace = (lifetime * self.cfg.grace_ratio).max(self.cfg.min_grace.as_secs_f64());
-        Some(facts.not_after - time::Duration::seconds_f64(grace))
+        let dns = self.dns_names(ns, sa).iter().map(ca_core::DnsName::as_str);
+        if !facts.dns_sans.iter().map(String::as_str).eq(dns) {
+            return None;
+        }
+        Some(self.cfg.renew_at(&facts))
+    }
+
+    fn dns_names(&self, ns: &str, sa: &str) -> &[ca_core::DnsName] {
+        self.cfg
+            .dns_names
+            .get(&(ns.to_owned(), sa.to_owned()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The Secret to write for `ns/sa`: a fresh key and certificate, audited before
@@ -373,24 +409,30 @@ impl Context {
             .map_err(|e| ca_core::IssueError::Internal(format!("key generation: {e}")))??;
         let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
         let now = OffsetDateTime::now_utc();
-        let issued = self
-            .ca
-            .issue_for_key(&public, &identity, self.cfg.workload_ttl, now)?;
+        let dns = self.dns_names(ns, name);
+        let issued =
+            self.ca
+                .issue_for_key_with_dns(&public, &identity, dns, self.cfg.workload_ttl, now)?;
         debug_assert_eq!(issued.facts.spki_der, key.subject_public_key_info());
+        let mut detail = format!("Secret {ns}/istio.{name}");
+        if !dns.is_empty() {
+            let list: Vec<&str> = dns.iter().map(ca_core::DnsName::as_str).collect();
+            detail.push_str(&format!(" (DNS names {})", list.join(",")));
+        }
         self.audit
             .record(issued_decision(
                 Decision {
                     api: Some(AuditApi::Internal),
                     authenticator: Some("secret-controller".into()),
                     caller: Some(format!("kubernetes:{ns}/{name}")),
-                    detail: Some(format!("Secret {ns}/istio.{name}")),
+                    detail: Some(detail),
                     ..Default::default()
                 },
                 &issued,
                 now,
             ))
             .await?;
-        let chain = format!("{}{}", issued.pem(), self.ca.ca_chain_pem().concat());
+        let chain = format!("{}{}", issued.pem(), self.cfg.chain_pem);
         Ok(Secret {
             metadata: ObjectMeta {
                 name: Some(format!("istio.{name}")),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::mapping::Rule;
+use super::mapping::{Rule, ServiceAccountToken};
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -22,6 +22,9 @@ fn default_jwks() -> String {
 }
 fn default_audience() -> String {
     "istio-ca".into()
+}
+fn default_legacy_audience() -> String {
+    "grpc://istio-citadel:8060".into()
 }
 fn default_leeway() -> Duration {
     Duration::from_secs(60)
@@ -86,6 +89,14 @@ pub struct GceConfig {
     /// Instance → identity rules, first match wins.
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Rule>,
+    /// The `aud` of standard-format tokens (the old node agents ask for this fixed
+    /// audience, whatever the CA's address).
+    #[serde(default = "default_legacy_audience")]
+    pub legacy_audience: String,
+    /// Google service accounts whose standard-format tokens are accepted, and the
+    /// identity each gets. Empty: such tokens are refused (`gce_not_an_instance`).
+    #[serde(default, rename = "service_account_token")]
+    pub service_account_tokens: Vec<ServiceAccountToken>,
 }
 
 impl GceConfig {
@@ -105,11 +116,23 @@ impl GceConfig {
                 path.display()
             ));
         }
-        if cfg.mappings.is_empty() {
+        if cfg.mappings.is_empty() && cfg.service_account_tokens.is_empty() {
             return Err(format!(
-                "{}: no [[mapping]] rule: no instance could obtain an identity",
+                "{}: no [[mapping]] or [[service_account_token]] rule: no instance could obtain an identity",
                 path.display()
             ));
+        }
+        for (i, t) in cfg.service_account_tokens.iter().enumerate() {
+            if t.unique_id.is_empty() || !t.unique_id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "{}: service_account_token {}: unique_id {:?} is not a service account's numeric unique id",
+                    path.display(),
+                    i + 1,
+                    t.unique_id
+                ));
+            }
+            ca_core::SpiffeId::for_service_account(trust_domain, &t.namespace, &t.service_account)
+                .map_err(|e| format!("{}: service_account_token {}: {e}", path.display(), i + 1))?;
         }
         for (i, r) in cfg.mappings.iter().enumerate() {
             ca_core::SpiffeId::for_service_account(trust_domain, &r.namespace, &r.service_account)

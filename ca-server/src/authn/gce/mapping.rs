@@ -31,6 +31,21 @@ pub struct Rule {
     pub service_account: String,
 }
 
+/// A grant for the standard-format tokens of one Google service account
+/// (`[[service_account_token]]`): what the old node agents send. Such a token names the
+/// service account (`sub`, its unique id) and nothing of the project or the instance,
+/// so the grant is for every VM, in any project, that runs as that service account.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountToken {
+    /// The Google service account's unique id (the token's `sub`): digits, exactly.
+    pub unique_id: String,
+    /// Mesh namespace granted.
+    pub namespace: String,
+    /// Mesh service account granted.
+    pub service_account: String,
+}
+
 /// What is known about the instance when mapping.
 #[derive(Debug, Default)]
 pub struct InstanceFacts<'a> {

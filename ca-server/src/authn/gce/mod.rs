@@ -1,7 +1,9 @@
 //! GCE instance identity tokens (docs/COMPATIBILITY.md): signature against Google's keys,
 //! issuer, audience, token age, a required project allow-list, optional zone and
 //! instance-age limits, an optional Compute API cross-check, then the mapping from the
-//! instance to a mesh identity.
+//! instance to a mesh identity. Standard-format tokens (no instance claims; what the
+//! old node agents send) name only a Google service account, and get an identity only
+//! from an explicit per-service-account grant.
 
 mod compute;
 pub mod config;
@@ -121,10 +123,18 @@ impl GceAuthenticator {
         if c.iss != GOOGLE_ISSUER {
             return Err(unauth("gce_wrong_issuer", format!("issuer {:?}", c.iss)));
         }
-        if c.aud != self.cfg.audience {
+        // A standard-format token (no instance claims) answers to its own audience when
+        // such tokens are granted at all.
+        let standard = c.compute_engine().is_none() && !self.cfg.service_account_tokens.is_empty();
+        let audience = if standard {
+            &self.cfg.legacy_audience
+        } else {
+            &self.cfg.audience
+        };
+        if c.aud != *audience {
             return Err(unauth(
                 "gce_wrong_audience",
-                format!("audience {:?}, expected {:?}", c.aud, self.cfg.audience),
+                format!("audience {:?}, expected {audience:?}", c.aud),
             ));
         }
         let leeway = self.cfg.leeway.as_secs() as i64;
@@ -152,12 +162,9 @@ impl GceAuthenticator {
                 format!("token lifetime {}s exceeds one hour", c.exp - c.iat),
             ));
         }
-        let ce = c.compute_engine().ok_or_else(|| {
-            unauth(
-                "gce_not_an_instance",
-                "the token has no google.compute_engine claims (not from a VM, or not format=full)",
-            )
-        })?;
+        let Some(ce) = c.compute_engine() else {
+            return self.service_account_token(c);
+        };
         let principal = format!(
             "gce:{}/{}/{} (id {})",
             ce.project_id, ce.zone, ce.instance_name, ce.instance_id
@@ -264,6 +271,52 @@ impl GceAuthenticator {
             &rule.service_account,
         )
         .map_err(|e| deny(Code::Internal, "gce_mapping_invalid", e.to_string()))?;
+        Ok(Some(Caller {
+            identity,
+            authenticator: NAME,
+            principal: Some(principal),
+            client_serial: None,
+        }))
+    }
+}
+
+impl GceAuthenticator {
+    /// A standard-format token, as the old node agents send: the Google service
+    /// account's unique id (`sub`) is all it proves, so only an explicit
+    /// `[[service_account_token]]` grant for that id gives an identity.
+    fn service_account_token(&self, c: &jwt::Claims) -> AuthResult {
+        if self.cfg.service_account_tokens.is_empty() {
+            return Err(unauth(
+                "gce_not_an_instance",
+                "the token has no google.compute_engine claims (not from a VM, or not format=full; the standard-format tokens of old node agents need a [[service_account_token]] grant)",
+            ));
+        }
+        let sub = c.sub.as_deref().unwrap_or_default();
+        let principal = format!("gce-service-account:{sub}");
+        let grant = self
+            .cfg
+            .service_account_tokens
+            .iter()
+            .find(|t| t.unique_id == sub)
+            .ok_or_else(|| AuthFailure {
+                authenticator: NAME,
+                reason: "gce_no_mapping_rule",
+                detail: "no service_account_token grant for this service account".into(),
+                code: Code::PermissionDenied,
+                principal: Some(principal.clone()),
+            })?;
+        let identity = SpiffeId::for_service_account(
+            &self.trust_domain,
+            &grant.namespace,
+            &grant.service_account,
+        )
+        .map_err(|e| AuthFailure {
+            authenticator: NAME,
+            reason: "gce_mapping_invalid",
+            detail: e.to_string(),
+            code: Code::Internal,
+            principal: Some(principal.clone()),
+        })?;
         Ok(Some(Caller {
             identity,
             authenticator: NAME,
