@@ -161,9 +161,60 @@ impl KeyAlgorithm {
     }
 }
 
+/// A private key from PEM, in the forms operators have: PKCS#8 (`PRIVATE KEY`), and
+/// PKCS#1 RSA (`RSA PRIVATE KEY`: what Citadel wrote to `istio-ca-secret`, and the
+/// form of Istio's sample `cacerts`), converted to PKCS#8 for ring. Other forms get an
+/// error that says how to convert them.
+pub fn key_pair_from_pem(text: &str) -> Result<KeyPair, String> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::EncodePrivateKey;
+    let label = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+        .ok_or("no PEM private key")?;
+    match label {
+        "PRIVATE KEY" => KeyPair::from_pem(text).map_err(|e| format!("PKCS#8 key: {e}")),
+        "RSA PRIVATE KEY" => {
+            let key = rsa::PrivateKey::from_pkcs1_pem(text)
+                .map_err(|e| format!("PKCS#1 RSA key: {e}"))?;
+            let der = key
+                .to_pkcs8_der()
+                .map_err(|e| format!("PKCS#1 RSA key: {e}"))?;
+            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+            KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+                .map_err(|e| format!("PKCS#1 RSA key: {e}"))
+        }
+        other => Err(format!(
+            "a {other:?} PEM block is not a supported key form (convert it to PKCS#8: openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pkcs8)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::KeyAlgorithm;
+
+    /// The PKCS#1 form Citadel and Istio's sample `cacerts` use loads, and signs as
+    /// the same key as its PKCS#8 form; other forms are refused with the way out.
+    #[test]
+    fn pkcs1_rsa_keys_load_as_pkcs8_does() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048).unwrap();
+        let pkcs1 = key.to_pkcs1_pem(rsa::pkcs1::LineEnding::LF).unwrap();
+        let pkcs8 = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let a = super::key_pair_from_pem(&pkcs1).unwrap();
+        let b = super::key_pair_from_pem(&pkcs8).unwrap();
+        assert_eq!(a.subject_public_key_info(), b.subject_public_key_info());
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&a)
+            .unwrap();
+        assert!(crate::csr::verify(csr.der()).is_ok());
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n";
+        let err = super::key_pair_from_pem(sec1).unwrap_err();
+        assert!(err.contains("openssl pkcs8 -topk8"), "{err}");
+        assert!(super::key_pair_from_pem("not a key").is_err());
+    }
     use rcgen::PublicKeyData;
 
     #[test]

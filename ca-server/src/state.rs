@@ -69,11 +69,8 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair, StateError> {
-    KeyPair::from_pem(&read(path)?).map_err(|e| {
-        StateError::Invalid(format!(
-            "{}: not a usable PKCS#8 private key: {e}",
-            path.display()
-        ))
+    ca_core::keys::key_pair_from_pem(&read(path)?).map_err(|e| {
+        StateError::Invalid(format!("{}: not a usable private key: {e}", path.display()))
     })
 }
 
@@ -211,7 +208,7 @@ fn root_from_secret(
         .remove(0)
         .as_ref()
         .to_vec();
-    let key = KeyPair::from_pem(&field("ca-key.pem")?)
+    let key = ca_core::keys::key_pair_from_pem(&field("ca-key.pem")?)
         .map_err(|e| StateError::Invalid(format!("Secret {ROOT_SECRET} ca-key.pem: {e}")))?;
     CertificateAuthority::from_parts(cert.clone(), key, vec![], vec![cert])
         .map_err(|e| StateError::Invalid(format!("Secret {ROOT_SECRET}: {e}")))

@@ -135,7 +135,7 @@ pub fn read_dir(name: &'static str, dir: &Path) -> Found {
                 chain_path.display()
             )
         })?;
-        let key = rcgen::KeyPair::from_pem(&key_pem)
+        let key = ca_core::keys::key_pair_from_pem(&key_pem)
             .map_err(|e| format!("{}: {e}", key_path.display()))?;
         if rcgen::PublicKeyData::subject_public_key_info(&key) != facts.spki_der {
             return Err(format!(

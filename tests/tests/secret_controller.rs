@@ -1121,3 +1121,129 @@ async fn cert_chain_follows_the_operators_cert_chain_as_citadel_did() {
         );
     }
 }
+
+/// What Citadel left behind is taken over: its self-signed RSA root in Secret
+/// `istio-ca-secret` (the key in PKCS#1 form, as Citadel wrote it) becomes the CA's
+/// root with `--root-in-secret`, and an `istio.<sa>` Secret Citadel issued under it is
+/// adopted (marked, content kept) rather than replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn citadels_root_secret_and_identity_secrets_are_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let api = KubeApi::start().await;
+    let client = populate(&api, 1, 2).await;
+    // Citadel's root: RSA 2048, O=cluster.local, key as "RSA PRIVATE KEY".
+    e2e::openssl(
+        dir,
+        &["genrsa", "-traditional", "-out", "ca-key.pem", "2048"],
+    );
+    e2e::openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "365",
+            "-subj",
+            "/O=cluster.local",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ],
+    );
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let (root_pem, root_key) = (read("ca-cert.pem"), read("ca-key.pem"));
+    assert!(root_key.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let data = |pairs: &[(&str, &str)]| {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let pp = PostParams::default();
+    Api::<Secret>::namespaced(client.clone(), "istio-system")
+        .create(
+            &pp,
+            &Secret {
+                metadata: meta("istio-ca-secret", &[]),
+                type_: Some("istio.io/ca-root".into()),
+                data: data(&[("ca-cert.pem", &root_pem), ("ca-key.pem", &root_key)]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The identity Secret Citadel wrote for ns0/sa0: the leaf alone in cert-chain.pem.
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/ns0/sa/sa0".try_into().unwrap(),
+    )];
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &root_pem,
+        ca_core::keys::key_pair_from_pem(&root_key).unwrap(),
+    )
+    .unwrap();
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap().pem();
+    let mut citadels = Secret {
+        metadata: meta("istio.sa0", &[]),
+        type_: Some("istio.io/key-and-cert".into()),
+        data: data(&[
+            ("cert-chain.pem", &leaf),
+            ("key.pem", &leaf_key.serialize_pem()),
+            ("root-cert.pem", &root_pem),
+        ]),
+        ..Default::default()
+    };
+    citadels.metadata.annotations = Some(
+        [(
+            "istio.io/service-account.name".to_string(),
+            "sa0".to_string(),
+        )]
+        .into(),
+    );
+    Api::<Secret>::namespaced(client.clone(), "ns0")
+        .create(&pp, &citadels)
+        .await
+        .unwrap();
+
+    let ca = api.start_ca(
+        &dir.join("state"),
+        &["--secret-controller", "--root-in-secret"],
+    );
+    let root_der = ca_core::pem::parse_certificates(root_pem.as_bytes()).unwrap();
+    let serving = e2e::serving_chain(ca.grpc, &root_pem).await;
+    assert_eq!(
+        serving.last().unwrap().as_ref(),
+        root_der[0].as_ref(),
+        "Citadel's root is the CA's"
+    );
+    wait_for(
+        "sa1's Secret and sa0's adopted",
+        Duration::from_secs(30),
+        || {
+            let adopted = api.get(Kind::Secret, "ns0", "istio.sa0").is_some_and(|s| {
+                s["metadata"]["annotations"]["ca.istio.io/managed-by"] == "istio-ca.istio-system"
+            });
+            adopted && api.get(Kind::Secret, "ns0", "istio.sa1").is_some()
+        },
+    );
+    let sa0 = api.get(Kind::Secret, "ns0", "istio.sa0").unwrap();
+    assert_eq!(secret_data(&sa0, "cert-chain.pem"), leaf, "content kept");
+    let sa1 = api.get(Kind::Secret, "ns0", "istio.sa1").unwrap();
+    let (_, new_leaf) = first_cert(&secret_data(&sa1, "cert-chain.pem"));
+    openssl_verifies(dir, &new_leaf, &root_pem, &[]);
+}
