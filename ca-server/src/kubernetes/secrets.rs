@@ -2,9 +2,11 @@
 //! kube-runtime `Controller` over ServiceAccounts.
 //!
 //! For each service account of a managed namespace, Secret `istio.<sa>` exists, parses,
-//! carries the current `root-cert.pem`, has more than its grace period left, and is
-//! owned by the service account (so the garbage collector deletes it with the account).
+//! carries the current `root-cert.pem` and the DNS names configured for the account
+//! (Citadel's, [`super::names`]), has more than its grace period left, and is owned by
+//! the service account (so the garbage collector deletes it with the account).
 //! Otherwise it is created or rotated; the issuance is audited before the write.
+//! `cert-chain.pem` is laid out as Citadel wrote it ([`ControllerConfig::chain_pem`]).
 //!
 //! What is watched, and so held in memory: namespaces, service accounts, and only the
 //! Secrets of type `istio.io/key-and-cert` (a field selector), with their private keys
