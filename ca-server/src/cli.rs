@@ -173,9 +173,9 @@ pub struct ServeArgs {
     /// the window closes. 0s records every one.
     #[arg(long, env = "CA_DENIAL_AGGREGATION_WINDOW", default_value = "10s", value_parser = duration)]
     pub denial_aggregation_window: Duration,
-    /// Log format: text or json.
-    #[arg(long, env = "CA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format.
+    #[arg(long, env = "CA_LOG_FORMAT", value_enum, default_value_t = cli_exit::LogFormat::Text)]
+    pub log_format: cli_exit::LogFormat,
     /// Accept GCE instance identity tokens, as configured in this TOML file (allowed
     /// projects, mapping rules, optional Compute API cross-check; see
     /// deploy/kubernetes/components/gce/gce-auth.toml).
@@ -402,11 +402,11 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return usage_error(e),
             };
-            init_logging(&args.log_format);
+            cli_exit::init_logging(args.log_format);
             runtime.block_on(serve(cfg))
         }
         Command::ExportBundle(args) => {
-            init_logging("text");
+            cli_exit::init_logging(cli_exit::LogFormat::Text);
             runtime.block_on(export_bundle(&admin_socket, args))
         }
         Command::Revoke(args) if ca_core::x509::parse_serial(&args.serial).is_err() => {
@@ -435,19 +435,6 @@ pub fn main() -> ExitCode {
             }
         }
     }
-}
-
-fn init_logging(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }
 
 /// Validates `serve` flags into a [`ServeConfig`]; the error is one line for the operator.

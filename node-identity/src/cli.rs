@@ -100,8 +100,8 @@ struct RunArgs {
     /// How this machine proves its identity: onprem (client certificates from the
     /// bootstrap bundle), gce (an instance identity token from the metadata server),
     /// or auto (gce when a metadata server answers within a second).
-    #[arg(long, env = "NODE_IDENTITY_PLATFORM", default_value = "onprem", value_parser = ["onprem", "gce", "auto"])]
-    platform: String,
+    #[arg(long, env = "NODE_IDENTITY_PLATFORM", value_enum, default_value_t = Platform::Onprem)]
+    platform: Platform,
     /// GCE metadata server, HOST[:PORT].
     #[arg(
         long,
@@ -134,9 +134,20 @@ struct RunArgs {
     /// Make sure a valid certificate is published (renewing if due), then exit.
     #[arg(long)]
     once: bool,
-    /// Log format: text or json.
-    #[arg(long, env = "NODE_IDENTITY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format.
+    #[arg(long, env = "NODE_IDENTITY_LOG_FORMAT", value_enum, default_value_t = cli_exit::LogFormat::Text)]
+    log_format: cli_exit::LogFormat,
+}
+
+/// `--platform`: how the machine proves who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Platform {
+    /// Client certificates from the bootstrap bundle.
+    Onprem,
+    /// Instance identity tokens from the GCE metadata server.
+    Gce,
+    /// `gce` when a metadata server answers within a second, else `onprem`.
+    Auto,
 }
 
 fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
@@ -210,7 +221,7 @@ fn agent_config(common: &Common, a: &RunArgs) -> Result<AgentConfig, String> {
         max_backoff: a.max_backoff,
         status_file: common.status_file.clone(),
         once: a.once,
-        gce: (a.platform != "onprem").then(|| crate::gce::GceSettings {
+        gce: (a.platform != Platform::Onprem).then(|| crate::gce::GceSettings {
             metadata_host: a.metadata_host.clone(),
             audience: a.gce_audience.clone(),
             root_cert: a.root_cert.clone(),
@@ -230,16 +241,7 @@ fn run(common: &Common, args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if args.log_format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    cli_exit::init_logging(args.log_format);
     // One thread is plenty for one renewal every half hour, and keeps the footprint small.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -266,7 +268,7 @@ fn run(common: &Common, args: RunArgs) -> ExitCode {
             let _ = tx.send(true);
         });
         let mut cfg = cfg;
-        if args.platform == "auto" {
+        if args.platform == Platform::Auto {
             let host = cfg.gce.as_ref().map(|g| g.metadata_host.clone()).unwrap_or_default();
             if crate::gce::detect(&host).await {
                 tracing::info!("platform auto: a GCE metadata server answers at {host}; using instance identity tokens");
