@@ -480,8 +480,7 @@ impl CertificateAuthority {
                 "issued certificate failed the re-check: {what}"
             )))
         };
-        let uris: Vec<&str> = expected.uri.into_iter().collect();
-        if facts.uri_sans != uris {
+        if !facts.uri_sans.iter().map(String::as_str).eq(expected.uri) {
             return fail("URI SAN is not exactly the caller's SPIFFE ID");
         }
         if !facts
@@ -492,7 +491,8 @@ impl CertificateAuthority {
         {
             return fail("DNS SANs are not exactly the configured names");
         }
-        if facts.san_count != uris.len() + expected.dns.len() + expected.ips.len() {
+        let uris = usize::from(expected.uri.is_some());
+        if facts.san_count != uris + expected.dns.len() + expected.ips.len() {
             return fail("unexpected SAN entries");
         }
         if !facts.subject_empty || !facts.san_critical {

@@ -120,6 +120,18 @@ pub(crate) async fn report_secret_conflict(
     report_conflict(events, regarding, "Secret", action, note).await;
 }
 
+/// A fresh key of `algorithm` for a Secret, and its public half. RSA generation takes
+/// hundreds of milliseconds: it runs off the reconcile workers' threads.
+pub(crate) async fn fresh_key(
+    algorithm: ca_core::keys::KeyAlgorithm,
+) -> Result<(rcgen::KeyPair, ca_core::keys::PublicKey), ReconcileError> {
+    let key = tokio::task::spawn_blocking(move || algorithm.generate())
+        .await
+        .map_err(|e| ca_core::IssueError::Internal(format!("key generation: {e}")))??;
+    let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
+    Ok((key, public))
+}
+
 /// Consecutive failures per object, for the retry backoff: 0.5 s doubling to a minute,
 /// and for objects held by someone else 10 s doubling to five minutes.
 #[derive(Default)]

@@ -19,6 +19,8 @@ use kube::Resource;
 pub const MARKER: &str = "ca.istio.io/managed-by";
 /// Secret type of identity Secrets.
 pub const SECRET_TYPE: &str = "istio.io/key-and-cert";
+/// Secret type of serving-certificate Secrets.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 /// Annotation naming the service account.
 pub const SA_ANNOTATION: &str = "istio.io/service-account.name";
 
@@ -52,7 +54,12 @@ fn by_marker(meta: &ObjectMeta, ca_namespace: &str) -> Option<Ownership> {
 
 /// The leaf of a Secret's `cert-chain.pem`, if it has one.
 pub fn leaf_der(secret: &Secret) -> Option<Vec<u8>> {
-    let chain = secret.data.as_ref()?.get("cert-chain.pem")?;
+    leaf_in(secret, "cert-chain.pem")
+}
+
+/// The first certificate of the PEM chain in data `field` of `secret`.
+pub fn leaf_in(secret: &Secret, field: &str) -> Option<Vec<u8>> {
+    let chain = secret.data.as_ref()?.get(field)?;
     ca_core::pem::parse_certificates(&chain.0)
         .ok()?
         .into_iter()
@@ -78,6 +85,26 @@ pub fn of_secret(
     }
     // Written by an earlier version of this CA, or by Citadel holding the same key.
     match leaf_der(existing) {
+        Some(leaf) if ca_core::statement::is_signed_by(ca.cert_der(), &leaf) => {
+            Ownership::Adoptable
+        }
+        _ => Ownership::Foreign("its certificate was not issued by this CA"),
+    }
+}
+
+/// Whose the serving Secret `existing` (type `kubernetes.io/tls`, chain in `tls.crt`) is.
+pub fn of_tls_secret(
+    existing: &Secret,
+    ca: &CertificateAuthority,
+    ca_namespace: &str,
+) -> Ownership {
+    if let Some(o) = by_marker(&existing.metadata, ca_namespace) {
+        return o;
+    }
+    if existing.type_.as_deref() != Some(TLS_SECRET_TYPE) {
+        return Ownership::Foreign("not of type kubernetes.io/tls");
+    }
+    match leaf_in(existing, "tls.crt") {
         Some(leaf) if ca_core::statement::is_signed_by(ca.cert_der(), &leaf) => {
             Ownership::Adoptable
         }

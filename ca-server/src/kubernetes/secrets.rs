@@ -404,12 +404,7 @@ impl Context {
         name: &str,
     ) -> Result<Secret, ReconcileError> {
         let identity = SpiffeId::for_service_account(&self.trust_domain, ns, name)?;
-        // RSA generation takes hundreds of milliseconds: off the reconcile workers' threads.
-        let algorithm = self.cfg.workload_key;
-        let key = tokio::task::spawn_blocking(move || algorithm.generate())
-            .await
-            .map_err(|e| ca_core::IssueError::Internal(format!("key generation: {e}")))??;
-        let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
+        let (key, public) = super::fresh_key(self.cfg.workload_key).await?;
         let now = OffsetDateTime::now_utc();
         let dns = self.dns_names(ns, name);
         let issued =

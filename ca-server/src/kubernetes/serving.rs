@@ -31,16 +31,15 @@ use rcgen::PublicKeyData;
 use time::OffsetDateTime;
 
 use super::names::ServingSecret;
-use super::ownership::{self, Ownership};
+use super::ownership::{self, Ownership, TLS_SECRET_TYPE};
 use super::{
     ControllerConfig, Ready, ReconcileError, Retries, api as call, report_secret_conflict,
 };
 use crate::audit::{Api as AuditApi, AuditWriter, Decision};
 use crate::issuance::issued_decision;
 
-/// The Secret type, and its keys (what cert-manager writes, and istiod's
-/// `--tlsCertFile`, `--tlsKeyFile` and `--caCertFile` point at).
-pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+/// The Secret's keys (what cert-manager writes, and istiod's `--tlsCertFile`,
+/// `--tlsKeyFile` and `--caCertFile` point at).
 const CERT_KEY: &str = "tls.crt";
 const KEY_KEY: &str = "tls.key";
 const CA_KEY: &str = "ca.crt";
@@ -159,7 +158,7 @@ impl Context {
             metrics::counter!("ca_secret_writes_total", "verb" => "create").increment(1);
             return Ok(Action::requeue(self.cfg.recheck_interval));
         };
-        match self.ownership(&existing) {
+        match ownership::of_tls_secret(&existing, &self.ca, &self.cfg.ca_namespace) {
             Ownership::Foreign(why) => {
                 self.conflict(namespace, why).await;
                 Ok(Action::await_change())
@@ -201,25 +200,6 @@ impl Context {
         }
     }
 
-    /// Ours by the marker; adoptable when unmarked but of the TLS type and signed by
-    /// this CA's key; anyone else's otherwise.
-    fn ownership(&self, existing: &Secret) -> Ownership {
-        let marker = existing.annotations().get(ownership::MARKER);
-        match marker {
-            Some(v) if *v == ownership::marker_value(&self.cfg.ca_namespace) => Ownership::Ours,
-            Some(_) => Ownership::Foreign("marked by another CA"),
-            None if existing.type_.as_deref() != Some(TLS_SECRET_TYPE) => {
-                Ownership::Foreign("not of type kubernetes.io/tls")
-            }
-            None => match leaf(existing) {
-                Some(der) if ca_core::statement::is_signed_by(self.ca.cert_der(), &der) => {
-                    Ownership::Adoptable
-                }
-                _ => Ownership::Foreign("its certificate was not issued by this CA"),
-            },
-        }
-    }
-
     /// When the Secret's certificate must be replaced; `None`: now.
     fn rotation_time(&self, secret: &Secret) -> Option<OffsetDateTime> {
         let data = secret.data.as_ref()?;
@@ -229,7 +209,7 @@ impl Context {
         {
             return None;
         }
-        let facts = ca_core::x509::inspect(&leaf(secret)?).ok()?;
+        let facts = ca_core::x509::inspect(&ownership::leaf_in(secret, CERT_KEY)?).ok()?;
         let wanted = self.spec.dns_names.iter().map(ca_core::DnsName::as_str);
         if !facts.uri_sans.is_empty() || !facts.dns_sans.iter().map(String::as_str).eq(wanted) {
             return None;
@@ -240,11 +220,7 @@ impl Context {
     /// A fresh key and certificate for the configured names, audited before they leave.
     async fn desired(&self, resource_version: Option<String>) -> Result<Secret, ReconcileError> {
         let (ns, name) = (&self.spec.namespace, &self.spec.name);
-        let algorithm = self.cfg.workload_key;
-        let key = tokio::task::spawn_blocking(move || algorithm.generate())
-            .await
-            .map_err(|e| ca_core::IssueError::Internal(format!("key generation: {e}")))??;
-        let public = ca_core::keys::PublicKey::of_key_pair(&key)?;
+        let (key, public) = super::fresh_key(self.cfg.workload_key).await?;
         let now = OffsetDateTime::now_utc();
         let issued = self.ca.issue_server_cert(
             &public,
@@ -296,14 +272,4 @@ impl Context {
         let regarding = namespace.object_ref(&());
         report_secret_conflict(&self.events, &regarding, "WriteServingSecret", secret, why).await;
     }
-}
-
-/// The leaf of a TLS Secret's `tls.crt`.
-fn leaf(secret: &Secret) -> Option<Vec<u8>> {
-    let chain = secret.data.as_ref()?.get(CERT_KEY)?;
-    ca_core::pem::parse_certificates(&chain.0)
-        .ok()?
-        .into_iter()
-        .next()
-        .map(|c| c.to_vec())
 }
