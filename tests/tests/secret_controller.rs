@@ -210,31 +210,10 @@ async fn populate(api: &KubeApi, namespaces: usize, per_ns: usize) -> kube::Clie
         format!("http://{}", api.addr).parse().unwrap(),
     ))
     .unwrap();
-    let pp = PostParams::default();
+    let sas: Vec<String> = (0..per_ns).map(|j| format!("sa{j}")).collect();
+    let sas: Vec<&str> = sas.iter().map(String::as_str).collect();
     for i in 0..namespaces {
-        let ns = format!("ns{i}");
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &pp,
-                &Namespace {
-                    metadata: meta(&ns, &[]),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-        for j in 0..per_ns {
-            sas.create(
-                &pp,
-                &ServiceAccount {
-                    metadata: meta(&format!("sa{j}"), &[]),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        }
+        create_accounts(&client, &format!("ns{i}"), &sas).await;
     }
     client
 }
