@@ -17,6 +17,45 @@ pub struct Postgres {
     pub addr: SocketAddr,
     /// A further address it listens on, for containers (see [`Postgres::start_for`]).
     extra: Option<std::net::IpAddr>,
+    /// Whether it serves TLS (see [`Postgres::start_tls`]).
+    tls: bool,
+}
+
+/// What a cluster started with [`Postgres::start_tls`] presents.
+pub struct ServerTls {
+    /// PEM of the root its certificate chains to: what clients put in `sslrootcert`.
+    pub root_pem: String,
+    /// Its certificate (PEM), for `127.0.0.1` and `localhost`.
+    cert_pem: String,
+    /// Its key (PEM).
+    key_pem: String,
+}
+
+impl ServerTls {
+    /// A fresh root and a server certificate under it.
+    pub fn generate() -> ServerTls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, "Database Root");
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = root_params.self_signed(&root_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        let cert = params
+            .signed_by(&key, &Issuer::from_params(&root_params, &root_key))
+            .unwrap();
+        ServerTls {
+            root_pem: root.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
 }
 
 fn bin_dir() -> PathBuf {
@@ -62,16 +101,25 @@ fn command(program: &str) -> Command {
 impl Postgres {
     /// Creates and starts a cluster (`fsync` on: the suites test durability).
     pub fn start() -> Postgres {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
     }
 
     /// A cluster that also listens on `host` (the host's address on a private Docker
     /// network) and lets clients from `subnet` in (CIDR), for containers.
     pub fn start_for(host: std::net::IpAddr, subnet: &str) -> Postgres {
-        Self::start_inner(Some((host, subnet)))
+        Self::start_inner(Some((host, subnet)), None)
     }
 
-    fn start_inner(containers: Option<(std::net::IpAddr, &str)>) -> Postgres {
+    /// A cluster that serves TLS with `tls`'s certificate and refuses every TCP client
+    /// that does not use it (`hostnossl ... reject`).
+    pub fn start_tls(tls: &ServerTls) -> Postgres {
+        Self::start_inner(None, Some(tls))
+    }
+
+    fn start_inner(
+        containers: Option<(std::net::IpAddr, &str)>,
+        tls: Option<&ServerTls>,
+    ) -> Postgres {
         let dir = tempfile::Builder::new().prefix("ca-pg-").tempdir().unwrap();
         if is_root() {
             let ok = Command::new("chown")
@@ -107,11 +155,38 @@ impl Postgres {
             text.push_str(&format!("host all all {subnet} trust\n"));
             std::fs::write(&hba, text).unwrap();
         }
+        if let Some(tls) = tls {
+            let data = dir.path().join("data");
+            let hba = data.join("pg_hba.conf");
+            // The first matching line wins: plain TCP is refused before any `trust`.
+            let text = std::fs::read_to_string(&hba).unwrap();
+            std::fs::write(&hba, format!("hostnossl all all all reject\n{text}")).unwrap();
+            for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                // PostgreSQL refuses a key others can read.
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+                if is_root() {
+                    let ok = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&path)
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "chown of {name} to postgres");
+                }
+            }
+        }
         let mut pg = Postgres {
             addr: crate::free_port(),
             dir,
             child: None,
             extra: containers.map(|(host, _)| host),
+            tls: tls.is_some(),
         };
         pg.spawn();
         pg
@@ -132,6 +207,11 @@ impl Postgres {
                 &format!("unix_socket_directories={}", self.dir.path().display()),
             ])
             .args(["-c", "max_connections=200", "-c", "fsync=on"])
+            .args(if self.tls {
+                &["-c", "ssl=on"][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

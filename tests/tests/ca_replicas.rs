@@ -150,3 +150,70 @@ async fn a_replica_killed_under_load_loses_nothing() {
     assert!(verify.status.success(), "{text}");
     assert!(text.contains("chain replica-0"), "{text}");
 }
+
+/// A database that only speaks TLS: the CA connects with `sslmode=verify-full` (its
+/// pool and its revocation listener alike), and refuses to start against a server it
+/// cannot verify or without TLS, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_reached_over_verified_tls() {
+    let tls = e2e::postgres::ServerTls::generate();
+    let pg = e2e::postgres::Postgres::start_tls(&tls);
+    let tmp = tempfile::tempdir().unwrap();
+    let root_file = tmp.path().join("db-root.pem");
+    std::fs::write(&root_file, &tls.root_pem).unwrap();
+    let db = pg.database();
+    let url = format!(
+        "{db}?sslmode=verify-full&sslrootcert={}",
+        root_file.display()
+    );
+    let ca = CaProcess::start_with_env(&tmp.path().join("ca"), &[], &[("CA_STORE", url.as_str())]);
+    let (chain, key) = ca.export_bundle("vm", "db", "24h", &tmp.path().join("b"));
+    let ch = e2e::channel(ca.grpc, &ca.root_pem(), Some((&chain, &key))).await;
+    renew(&ch).await.expect("renews with its store over TLS");
+    let db_name = db.rsplit('/').next().unwrap();
+    let plain = pg.psql(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity a LEFT JOIN pg_stat_ssl s USING (pid)
+              WHERE a.datname = '{db_name}' AND NOT COALESCE(s.ssl, false)"
+        ),
+    );
+    assert_eq!(plain.trim(), "0", "every connection of the CA uses TLS");
+    // The revocation listener's connection is among them, and works.
+    let out = ca.cli(&["revoke", &e2e::serial_of(&chain), "--reason", "test"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = Instant::now();
+    loop {
+        match renew(&ch).await {
+            Err(s) if s.code() == Code::Unauthenticated => break,
+            other => assert!(
+                revoked_at.elapsed() < Duration::from_secs(2),
+                "the revoked bundle still renews: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A root the database's certificate does not chain to: refused, and said so.
+    let other = e2e::postgres::ServerTls::generate();
+    let other_file = tmp.path().join("other-root.pem");
+    std::fs::write(&other_file, &other.root_pem).unwrap();
+    let untrusted = format!(
+        "{db}?sslmode=verify-full&sslrootcert={}",
+        other_file.display()
+    );
+    let out = e2e::serve_output(&tmp.path().join("ca2"), &["--store", &untrusted]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("certificate"), "{err}");
+    // Without TLS the database refuses the connection; the CA says so and stops.
+    let plain_url = format!("{db}?sslmode=disable");
+    let out = e2e::serve_output(&tmp.path().join("ca3"), &["--store", &plain_url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no encryption"), "{err}");
+}
