@@ -214,4 +214,34 @@ async fn main() {
         written as f64 / start.elapsed().as_secs_f64(),
         (cpu_seconds(std::process::id()) - cpu_start) * 1e6 / written as f64
     );
+    print_relations(&location, written - pruned).await;
+}
+
+/// Where the bytes go: each table's and index's pages, per record held (SQLite's
+/// `dbstat`, PostgreSQL's relation sizes; the write-ahead log is not in either).
+async fn print_relations(location: &StoreLocation, records: u64) {
+    let pool = e2e::postgres::connect(location).await;
+    let sql = match location {
+        StoreLocation::Sqlite(_) => {
+            "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC LIMIT 8"
+        }
+        StoreLocation::Postgres(_) => {
+            "SELECT relname::text, pg_relation_size(oid) FROM pg_class
+              WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'i')
+              ORDER BY 2 DESC LIMIT 8"
+        }
+    };
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql)
+        .fetch_all(&pool)
+        .await
+        .expect("relation sizes");
+    let per = |b: i64| b as f64 / records.max(1) as f64;
+    let total: i64 = rows.iter().map(|(_, b)| b).sum();
+    println!(
+        "bytes per record held, by table and index (total {:.0}):",
+        per(total)
+    );
+    for (name, bytes) in rows {
+        println!("  {name}: {:.0}", per(bytes));
+    }
 }

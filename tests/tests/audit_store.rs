@@ -117,7 +117,7 @@ async fn concurrent_records_share_commits_and_chain_without_gaps() {
             .map(|i| {
                 let w = writer.clone();
                 tokio::spawn(async move {
-                    w.record(issued(&format!("{i:04x}"), None).decision)
+                    w.record(issued(&format!("{i:x}"), None).decision)
                         .await
                         .unwrap()
                         .seq
@@ -141,7 +141,7 @@ async fn concurrent_records_share_commits_and_chain_without_gaps() {
         let report = intact(&store, &b).await;
         assert_eq!(report.checked, 300);
         // Every issued serial is a known certificate.
-        assert!(store.certificate("0001").await.unwrap().is_some());
+        assert!(store.certificate("1").await.unwrap().is_some());
     }
 }
 
@@ -149,7 +149,7 @@ async fn concurrent_records_share_commits_and_chain_without_gaps() {
 async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
     for b in backends() {
         let store = AuditStore::open(&b.location, "a").await.unwrap();
-        append(&store, vec![issued("01", None)]).await;
+        append(&store, vec![issued("1", None)]).await;
         drop(store);
         // Opening again migrates nothing and keeps the data.
         let store = AuditStore::open(&b.location, "a").await.unwrap();
@@ -159,7 +159,7 @@ async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, 3, "{}", b.name);
+        assert_eq!(versions, 4, "{}", b.name);
         execute(
             &pool,
             "INSERT INTO schema_migrations (version, name, applied_us) VALUES (999, 'future', 0)",
@@ -174,6 +174,121 @@ async fn migrations_are_versioned_and_a_newer_schema_is_refused() {
             "{}: {refused}",
             b.name
         );
+    }
+}
+
+/// Statements that turn a store of schema 4 back into what schema 3 wrote (serials as
+/// hex text, every caller written out), one per entry.
+fn as_schema_3(backend: &str) -> Vec<String> {
+    let (to_text, retype): (fn(&str) -> String, bool) = match backend {
+        "sqlite" => (
+            |c| format!("NULLIF(ltrim(lower(hex({c})), '0'), '')"),
+            false,
+        ),
+        _ => (
+            |c| format!("NULLIF(ltrim(encode({c}, 'hex'), '0'), '')"),
+            true,
+        ),
+    };
+    let mut sql = vec![
+        "UPDATE audit_records SET caller = spiffe_id WHERE caller_same = 1".to_owned(),
+        "ALTER TABLE audit_records DROP COLUMN caller_same".to_owned(),
+    ];
+    for (table, columns) in [
+        ("audit_records", &["serial", "client_serial"][..]),
+        ("certificates", &["serial", "parent", "root"][..]),
+        ("revocations", &["serial", "cause"][..]),
+    ] {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| match retype {
+                true => format!("ALTER COLUMN {c} TYPE TEXT USING {}", to_text(c)),
+                false => format!("{c} = {}", to_text(c)),
+            })
+            .collect();
+        sql.push(match retype {
+            true => format!("ALTER TABLE {table} {}", set.join(", ")),
+            false => format!("UPDATE {table} SET {}", set.join(", ")),
+        });
+    }
+    sql.push(
+        "CREATE INDEX certificates_parent ON certificates (parent) WHERE parent IS NOT NULL"
+            .to_owned(),
+    );
+    sql.push("DELETE FROM schema_migrations WHERE version = 4".to_owned());
+    sql
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_4_keeps_every_record_and_revocation_of_a_store_before_it() {
+    for b in backends() {
+        let store = AuditStore::open(&b.location, "a").await.unwrap();
+        let mut own_caller = issued("abc", Some("7f01"));
+        own_caller.decision.caller = Some("gce:project/zone/vm".into());
+        let mut no_caller = issued("abd", None);
+        no_caller.decision.caller = None;
+        let batch = vec![issued("7f01", None), own_caller, no_caller];
+        append(&store, batch).await;
+        append(&store, vec![issued("abe", Some("abc")), revocation("abc")]).await;
+        append(
+            &store,
+            vec![issued("7f02", None), issued("c01", Some("7f02"))],
+        )
+        .await;
+        let before = store.list(&ListFilter::default()).await.unwrap();
+        let revoked_before = store.revoked_since(0).await.unwrap();
+        drop(store);
+        let pool = connect(&b.location).await;
+        for statement in as_schema_3(b.name) {
+            execute(&pool, &statement).await;
+        }
+        let text: (String,) = sqlx::query_as("SELECT root FROM certificates WHERE serial = 'abe'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{}: the store is not in schema 3's form: {e}", b.name));
+        assert_eq!(text.0, "7f01", "{}", b.name);
+        pool.close().await;
+
+        let store = AuditStore::open(&b.location, "a").await.unwrap();
+        intact(&store, &b).await;
+        assert_eq!(
+            store.list(&ListFilter::default()).await.unwrap(),
+            before,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            store.revoked_since(0).await.unwrap(),
+            revoked_before,
+            "{}",
+            b.name
+        );
+        let abe = store
+            .certificate("abe")
+            .await
+            .unwrap()
+            .expect("abe is known");
+        assert_eq!(abe.parent.as_deref(), Some("abc"), "{}", b.name);
+        let cause = store
+            .revocation("abe")
+            .await
+            .unwrap()
+            .expect("abe revoked with abc");
+        assert_eq!(cause.cause.as_deref(), Some("abc"), "{}", b.name);
+        // The identity index still finds records whose caller is stored once.
+        let filter = ListFilter {
+            identity: Some("spiffe://cluster.local/ns/n/sa/7f01".into()),
+            ..ListFilter::default()
+        };
+        assert_eq!(store.list(&filter).await.unwrap().len(), 1, "{}", b.name);
+        // And revoking still follows renewals across the converted rows.
+        append(&store, vec![revocation("7f02")]).await;
+        let followed = store
+            .revocation("c01")
+            .await
+            .unwrap()
+            .expect("c01 revoked with 7f02");
+        assert_eq!(followed.cause.as_deref(), Some("7f02"), "{}", b.name);
     }
 }
 
@@ -211,22 +326,38 @@ async fn revoking_a_serial_revokes_everything_renewed_from_it() {
 
         // A bundle renewed for months: the certificates between it and today's leaf
         // have expired and left the table. Revoking the bundle still reaches the leaf.
-        append(&a, vec![issued("m1", None)]).await;
-        append(&a, vec![issued("m2", Some("m1"))]).await;
-        append(&a, vec![issued("m3", Some("m2"))]).await;
-        append(&a, vec![issued("m4", Some("m3"))]).await;
+        append(&a, vec![issued("dd01", None)]).await;
+        append(&a, vec![issued("dd02", Some("dd01"))]).await;
+        append(&a, vec![issued("dd03", Some("dd02"))]).await;
+        append(&a, vec![issued("dd04", Some("dd03"))]).await;
         let pool = connect(&b.location).await;
-        execute(
-            &pool,
-            "DELETE FROM certificates WHERE serial IN ('m2', 'm3')",
-        )
-        .await;
-        append(&other, vec![revocation("m1")]).await;
+        sqlx::query("DELETE FROM certificates WHERE serial = $1 OR serial = $2")
+            .bind(vec![0xdd_u8, 0x02])
+            .bind(vec![0xdd_u8, 0x03])
+            .execute(&pool)
+            .await
+            .unwrap();
+        append(&other, vec![revocation("dd01")]).await;
         assert!(
-            a.revocation("m4").await.unwrap().is_some(),
-            "{}: m4",
+            a.revocation("dd04").await.unwrap().is_some(),
+            "{}: dd04",
             b.name
         );
+
+        // Revoking a certificate inside a line takes what was renewed from it, and
+        // neither the line's root nor a branch renewed from the root before it.
+        append(&a, vec![issued("f1", None)]).await;
+        append(&a, vec![issued("f2", Some("f1")), issued("f4", Some("f1"))]).await;
+        append(&a, vec![issued("f3", Some("f2"))]).await;
+        append(&other, vec![revocation("f2")]).await;
+        for (serial, revoked) in [("f1", false), ("f2", true), ("f3", true), ("f4", false)] {
+            let r = a.revocation(serial).await.unwrap();
+            assert_eq!(r.is_some(), revoked, "{}: {serial}", b.name);
+        }
+        append(&a, vec![issued("f5", Some("f3")), issued("f6", Some("f4"))]).await;
+        assert_eq!(a.revoke_followers(0).await.unwrap(), 1, "{}", b.name);
+        assert!(a.revocation("f5").await.unwrap().is_some(), "{}", b.name);
+        assert!(a.revocation("f6").await.unwrap().is_none(), "{}", b.name);
     }
 }
 
@@ -415,7 +546,7 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
         let ca = checkpoint_ca();
         let store = AuditStore::open(&b.location, "r").await.unwrap();
         for i in 1..=5 {
-            append(&store, vec![issued(&format!("g{i}"), None)]).await;
+            append(&store, vec![issued(&format!("9{i}"), None)]).await;
         }
         let signed = checkpoint::make(&store, &ca).await.unwrap();
         let report = checkpoint::verify_all(&store, Some(ca.cert_der()), &[])
@@ -456,8 +587,8 @@ async fn a_consistent_rewrite_is_caught_by_a_signed_checkpoint() {
         // ...and writes new records 4 and 5 in their place (through a CA started after
         // the rewrite: a running one remembers its head, and would leave a gap).
         let store = AuditStore::open(&b.location, "r").await.unwrap();
-        append(&store, vec![issued("h4", None)]).await;
-        append(&store, vec![issued("h5", None)]).await;
+        append(&store, vec![issued("84", None)]).await;
+        append(&store, vec![issued("85", None)]).await;
         assert!(problems(&store).await.is_empty());
         // The stored checkpoints are deleted too; the copy kept elsewhere still tells.
         execute(&pool, "DELETE FROM audit_checkpoints").await;
@@ -541,7 +672,7 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
         let store = AuditStore::open(&b.location, "r").await.unwrap();
         let pool = connect(&b.location).await;
         for i in 1..=5 {
-            append(&store, vec![issued(&format!("k{i}"), None)]).await;
+            append(&store, vec![issued(&format!("c0{i}"), None)]).await;
         }
         move_anchor_by_hand(&pool, "r", 4).await;
         for ca_cert in [None, Some(ca.cert_der())] {
@@ -556,12 +687,12 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
         // Retention's own move carries the CA's signature and verifies.
         let store = AuditStore::open(&b.location, "s").await.unwrap();
         for i in 1..=3 {
-            append(&store, vec![issued(&format!("l{i}"), None)]).await;
+            append(&store, vec![issued(&format!("d0{i}"), None)]).await;
         }
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
         store.prune_before(future, &ca).await.unwrap();
         for i in 4..=6 {
-            append(&store, vec![issued(&format!("l{i}"), None)]).await;
+            append(&store, vec![issued(&format!("d0{i}"), None)]).await;
         }
         let report = checkpoint::verify_all(&store, Some(ca.cert_der()), &[])
             .await
@@ -594,7 +725,7 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
 
         // A whole chain deleted, its head row with it: a published checkpoint names it.
         let store = AuditStore::open(&b.location, "t").await.unwrap();
-        append(&store, vec![issued("m1", None)]).await;
+        append(&store, vec![issued("dd1", None)]).await;
         let published = checkpoint::make(&store, &ca).await.unwrap();
         let t = "(SELECT id FROM audit_chains WHERE name = 't')";
         execute(
@@ -616,7 +747,7 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
 async fn a_reader_neither_migrates_nor_writes() {
     for b in backends() {
         let store = AuditStore::open(&b.location, "w").await.unwrap();
-        append(&store, vec![issued("n1", None)]).await;
+        append(&store, vec![issued("e01", None)]).await;
         let pool = connect(&b.location).await;
         let chains = || async {
             let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_chains")
@@ -629,7 +760,7 @@ async fn a_reader_neither_migrates_nor_writes() {
         assert_eq!(reader.list(&ListFilter::default()).await.unwrap().len(), 1);
         assert!(reader.verify(None).await.unwrap().problems.is_empty());
         assert_eq!(chains().await, 1, "{}: a reader added a chain", b.name);
-        let refused = reader.append(&[issued("n2", None)]).await.err();
+        let refused = reader.append(&[issued("e02", None)]).await.err();
         assert!(
             matches!(refused, Some(ca_server::audit::AuditError::ReadOnly)),
             "{}: {refused:?}",

@@ -186,8 +186,12 @@ pub enum EncodeError {
     },
 }
 
-/// A record exactly as stored: one column each. Everything the hash covers is here,
-/// in the types the database keeps, so a record read back hashes as it was written.
+/// A record exactly as stored: one column each, so a record read back hashes as it
+/// was written. Two columns are kept compact (schema 4): serials are the certificate's
+/// serial bytes, and a caller that is the granted identity itself is stored once
+/// (`caller_same`, the common case: about 45 bytes a record). The hash covers the values
+/// as a decision states them (serials as lowercase hex, the caller written out), so
+/// records written before schema 4 verify unchanged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Row {
     pub seq: i64,
@@ -197,17 +201,52 @@ pub(super) struct Row {
     pub reason: Option<String>,
     pub detail: Option<String>,
     pub authenticator: Option<String>,
+    /// `None` when `caller_same` says it is `spiffe_id`.
     pub caller: Option<String>,
     pub peer: Option<String>,
     pub requested_ttl: i64,
     pub granted_ttl: Option<i64>,
     pub spiffe_id: Option<String>,
-    pub serial: Option<String>,
-    pub client_serial: Option<String>,
+    pub serial: Option<Vec<u8>>,
+    pub client_serial: Option<Vec<u8>>,
     pub not_before: Option<i64>,
     pub not_after: Option<i64>,
     pub spki_sha256: Option<Vec<u8>>,
     pub cert_sha256: Option<Vec<u8>>,
+    /// The caller is `spiffe_id`.
+    pub caller_same: bool,
+}
+
+/// A serial as stored: its value's bytes, big-endian, from the normalised lowercase hex
+/// a decision states it in (no leading zeros: [`ca_core::x509::normalise_serial`]).
+/// Any other spelling is refused, so that the bytes read back as the same text.
+pub(super) fn serial_bytes(text: &str) -> Option<Vec<u8>> {
+    if text.is_empty() || ca_core::x509::normalise_serial(text) != text {
+        return None;
+    }
+    let padded = if text.len() % 2 == 1 {
+        format!("0{text}")
+    } else {
+        text.to_owned()
+    };
+    decode_hex(&padded)
+}
+
+/// A stored serial as decisions state it.
+pub(super) fn serial_text(bytes: &[u8]) -> String {
+    ca_core::x509::normalise_serial(&ca_core::x509::hex(bytes))
+}
+
+fn serial(field: &'static str, v: &Option<String>) -> Result<Option<Vec<u8>>, EncodeError> {
+    v.as_deref()
+        .map(|s| {
+            serial_bytes(s).ok_or_else(|| EncodeError::Shape {
+                field,
+                value: s.to_owned(),
+                expected: "a serial in normalised lowercase hex",
+            })
+        })
+        .transpose()
 }
 
 fn unix_secs(field: &'static str, v: &Option<String>) -> Result<Option<i64>, EncodeError> {
@@ -271,6 +310,7 @@ impl Row {
     /// The stored form of `decision`, at `seq` and `time_us`.
     pub fn encode(decision: &Decision, seq: i64, time_us: i64) -> Result<Row, EncodeError> {
         let d = decision;
+        let caller_same = d.caller.is_some() && d.caller == d.spiffe_id;
         Ok(Row {
             seq,
             time_us,
@@ -279,23 +319,41 @@ impl Row {
             reason: d.reason.clone(),
             detail: d.detail.clone(),
             authenticator: d.authenticator.clone(),
-            caller: d.caller.clone(),
+            caller: if caller_same { None } else { d.caller.clone() },
             peer: d.peer.clone(),
             requested_ttl: d.requested_ttl_secs,
             granted_ttl: d.granted_ttl_secs,
             spiffe_id: d.spiffe_id.clone(),
-            serial: d.serial.clone(),
-            client_serial: d.client_serial.clone(),
+            serial: serial("serial", &d.serial)?,
+            client_serial: serial("client_serial", &d.client_serial)?,
             not_before: unix_secs("not_before", &d.not_before)?,
             not_after: unix_secs("not_after", &d.not_after)?,
             spki_sha256: digest("spki_sha256", &d.spki_sha256)?,
             cert_sha256: digest("cert_sha256", &d.cert_sha256)?,
+            caller_same,
         })
+    }
+
+    /// Whether `caller_same` is set only where [`Row::encode`] sets it.
+    fn consistent(&self) -> bool {
+        !self.caller_same || (self.caller.is_none() && self.spiffe_id.is_some())
+    }
+
+    /// The caller as the decision stated it.
+    fn caller(&self) -> Option<&str> {
+        match self.caller_same {
+            true => self.spiffe_id.as_deref(),
+            false => self.caller.as_deref(),
+        }
     }
 
     /// The record as listings show it. `None` when a stored code is unknown (the row
     /// was written by something else than this CA).
     pub fn decode(self, chain: &str, hash: &[u8]) -> Option<AuditRecord> {
+        if !self.consistent() {
+            return None;
+        }
+        let caller = self.caller().map(str::to_owned);
         Some(AuditRecord {
             chain: chain.to_owned(),
             seq: u64::try_from(self.seq).ok()?,
@@ -307,13 +365,13 @@ impl Row {
                 reason: self.reason,
                 detail: self.detail,
                 authenticator: self.authenticator,
-                caller: self.caller,
+                caller,
                 peer: self.peer,
                 requested_ttl_secs: self.requested_ttl,
                 granted_ttl_secs: self.granted_ttl,
                 spiffe_id: self.spiffe_id,
-                serial: self.serial,
-                client_serial: self.client_serial,
+                serial: self.serial.as_deref().map(serial_text),
+                client_serial: self.client_serial.as_deref().map(serial_text),
                 not_before: self.not_before.map(rfc3339_secs),
                 not_after: self.not_after.map(rfc3339_secs),
                 spki_sha256: self.spki_sha256.as_deref().map(ca_core::x509::hex),
@@ -323,8 +381,9 @@ impl Row {
     }
 
     /// The record's hash: SHA-256 over a domain label, the previous record's hash, the
-    /// chain's name and every column, each length-prefixed (or as 8 big-endian bytes),
-    /// absent values marked. Editing, moving or renumbering any record changes it.
+    /// chain's name and every value, each length-prefixed (or as 8 big-endian bytes),
+    /// absent values marked; serials and the caller as the decision states them (see
+    /// [`Row`]). Editing, moving or renumbering any record changes it.
     pub fn hash(&self, prev: &[u8; 32], chain: &str) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"istio-ca-rs audit record v1\0");
@@ -344,23 +403,29 @@ impl Row {
                 ctx.update(&i.to_be_bytes());
             }
         };
+        if !self.consistent() {
+            // A row no writer produced (edited in the database): a hash no writer made.
+            ctx.update(b"inconsistent caller");
+        }
         text(&mut ctx, Some(chain.as_bytes()));
         for i in [self.seq, self.time_us, self.api, self.outcome] {
             int(&mut ctx, Some(i));
         }
         for s in [
-            &self.reason,
-            &self.detail,
-            &self.authenticator,
-            &self.caller,
-            &self.peer,
+            self.reason.as_deref(),
+            self.detail.as_deref(),
+            self.authenticator.as_deref(),
+            self.caller(),
+            self.peer.as_deref(),
         ] {
-            text(&mut ctx, s.as_deref().map(str::as_bytes));
+            text(&mut ctx, s.map(str::as_bytes));
         }
         int(&mut ctx, Some(self.requested_ttl));
         int(&mut ctx, self.granted_ttl);
-        for s in [&self.spiffe_id, &self.serial, &self.client_serial] {
-            text(&mut ctx, s.as_deref().map(str::as_bytes));
+        text(&mut ctx, self.spiffe_id.as_deref().map(str::as_bytes));
+        for s in [&self.serial, &self.client_serial] {
+            let stated = s.as_deref().map(serial_text);
+            text(&mut ctx, stated.as_deref().map(str::as_bytes));
         }
         int(&mut ctx, self.not_before);
         int(&mut ctx, self.not_after);
@@ -427,12 +492,13 @@ mod tests {
             |r| r.requested_ttl = 1,
             |r| r.granted_ttl = None,
             |r| r.spiffe_id = None,
-            |r| r.serial = Some("1a2c".into()),
+            |r| r.serial = Some(vec![0x1a, 0x2c]),
             |r| r.client_serial = None,
             |r| r.not_before = None,
             |r| r.not_after = Some(0),
             |r| r.spki_sha256 = None,
             |r| r.cert_sha256 = Some(vec![0; 32]),
+            |r| r.caller_same = false,
         ];
         for (i, edit) in edits.into_iter().enumerate() {
             let mut r = row.clone();
@@ -463,6 +529,45 @@ mod tests {
         let mut d = issued();
         d.cert_sha256 = Some("abc".into());
         assert!(Row::encode(&d, 1, 1).is_err());
+        // A serial whose bytes would read back as other text.
+        for bad in ["1A2B", "01a2", "", "0x1a", "00"] {
+            let mut d = issued();
+            d.serial = Some(bad.into());
+            assert!(Row::encode(&d, 1, 1).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serials_read_back_as_written() {
+        for text in ["0", "1", "abc", "1a2b", "7f00000000000000ffffffffffffffff"] {
+            let bytes = serial_bytes(text).unwrap();
+            assert_eq!(bytes.len(), text.len().div_ceil(2));
+            assert_eq!(serial_text(&bytes), text);
+        }
+    }
+
+    #[test]
+    fn a_caller_is_stored_once_when_it_is_the_identity() {
+        let row = Row::encode(&issued(), 1, 1).unwrap();
+        assert!(row.caller_same && row.caller.is_none());
+        // Neither a caller of its own nor none at all is taken for the identity.
+        let mut other = issued();
+        other.caller = Some("gce:project/vm".into());
+        let mut none = issued();
+        none.caller = None;
+        for d in [other, none] {
+            let row = Row::encode(&d, 1, 1).unwrap();
+            assert!(!row.caller_same);
+            let hash = row.hash(&GENESIS_HASH, "a");
+            assert_eq!(row.decode("a", &hash).unwrap().decision, d);
+        }
+        // The hash is the one of the caller written out: what records before schema 4
+        // were hashed over.
+        let mut written_out = Row::encode(&issued(), 1, 1).unwrap();
+        let compact = written_out.hash(&GENESIS_HASH, "a");
+        written_out.caller_same = false;
+        written_out.caller = issued().caller;
+        assert_eq!(written_out.hash(&GENESIS_HASH, "a"), compact);
     }
 }
 

@@ -21,7 +21,9 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row as _, Transaction};
 use time::OffsetDateTime;
 
-use super::record::{self, AuditRecord, Decision, EncodeError, GENESIS_HASH, Outcome, Row};
+use super::record::{
+    self, AuditRecord, Decision, EncodeError, GENESIS_HASH, Outcome, Row, serial_bytes, serial_text,
+};
 use super::schema;
 
 /// Why the audit store failed. Any of these stops issuance: no record, no certificate.
@@ -344,14 +346,14 @@ pub fn now_us() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 
-/// Rows per multi-row INSERT: 20 parameters each, well under both databases' limits.
+/// Rows per multi-row INSERT: 21 parameters each, well under both databases' limits.
 const INSERT_ROWS: usize = 64;
 
 /// Records of a batch, chained: the row, its hash, and the append it came from.
 type ChainedRows<'a> = Vec<(Row, [u8; 32], &'a Append)>;
 
 /// The columns of `audit_records` after `id`, in the order [`Row`] binds them.
-const RECORD_COLUMNS: &str = "chain_id, seq, time_us, api, outcome, reason, detail, authenticator, caller, peer, requested_ttl, granted_ttl, spiffe_id, serial, client_serial, not_before, not_after, spki_sha256, cert_sha256, hash";
+const RECORD_COLUMNS: &str = "chain_id, seq, time_us, api, outcome, reason, detail, authenticator, caller, peer, requested_ttl, granted_ttl, spiffe_id, serial, client_serial, not_before, not_after, spki_sha256, cert_sha256, hash, caller_same";
 
 /// `INSERT INTO table (columns) VALUES (...), (...)` for `rows` rows of `width`
 /// parameters. SQLite gets anonymous `?` parameters: sqlx binds named ones (`$1`) by
@@ -398,11 +400,12 @@ fn bind_row<'q>(q: AnyQuery<'q>, chain_id: i64, row: &Row, hash: &[u8; 32]) -> A
         .bind(row.spki_sha256.clone())
         .bind(row.cert_sha256.clone())
         .bind(hash.to_vec())
+        .bind(i16::from(row.caller_same))
 }
 
-const SELECT_RECORD: &str = "SELECT c.name, r.seq, r.time_us, r.api, r.outcome, r.reason, r.detail, r.authenticator, r.caller, r.peer, r.requested_ttl, r.granted_ttl, r.spiffe_id, r.serial, r.client_serial, r.not_before, r.not_after, r.spki_sha256, r.cert_sha256, r.hash FROM audit_records r JOIN audit_chains c ON c.id = r.chain_id";
+const SELECT_RECORD: &str = "SELECT c.name, r.seq, r.time_us, r.api, r.outcome, r.reason, r.detail, r.authenticator, r.caller, r.peer, r.requested_ttl, r.granted_ttl, r.spiffe_id, r.serial, r.client_serial, r.not_before, r.not_after, r.spki_sha256, r.cert_sha256, r.hash, r.caller_same FROM audit_records r JOIN audit_chains c ON c.id = r.chain_id";
 
-/// Reads the columns of [`SELECT_RECORD`] (chain name first, hash last).
+/// Reads the columns of [`SELECT_RECORD`] (chain name first, then the row, the hash).
 fn read_row(row: &sqlx::any::AnyRow) -> Result<(String, Row, Vec<u8>), sqlx::Error> {
     Ok((
         row.try_get(0)?,
@@ -425,6 +428,7 @@ fn read_row(row: &sqlx::any::AnyRow) -> Result<(String, Row, Vec<u8>), sqlx::Err
             not_after: row.try_get(16)?,
             spki_sha256: row.try_get(17)?,
             cert_sha256: row.try_get(18)?,
+            caller_same: row.try_get::<i64, _>(20)? != 0,
         },
         row.try_get(19)?,
     ))
@@ -445,13 +449,23 @@ fn hash32(v: &[u8]) -> [u8; 32] {
 const FOLLOWED: &str = "renewed from a revoked certificate";
 
 /// Revokes every certificate renewed, directly or not, from `$1`, recording `$1` as
-/// the cause and the admin revocation's record (`$2`, `$3`) as the decision. A line of
-/// renewals is followed by `root` too, because the certificates between a bundle and
-/// today's leaf have expired and left the table.
-const REVOKE_DESCENDANTS: &str = "WITH RECURSIVE descendants(serial, not_after, parent) AS (
-        SELECT serial, not_after, parent FROM certificates WHERE parent = $1 OR root = $1
+/// the cause and the admin revocation's record (`$2`, `$3`) as the decision.
+///
+/// A line of renewals shares its `root` (the first certificate of the line, typically
+/// a bundle), and the walk stays inside the line, through the `root` index: no index
+/// on `parent` is needed (it would cost ~44 bytes a record). Revoking a line's root
+/// takes the whole line, because the certificates between a bundle and today's leaf
+/// have expired and left the table; revoking one inside a line follows `parent` from it.
+const REVOKE_DESCENDANTS: &str = "WITH RECURSIVE line(serial, not_after, parent) AS (
+        SELECT serial, not_after, parent FROM certificates
+         WHERE root = COALESCE((SELECT root FROM certificates WHERE serial = $1), $1)
+    ),
+    descendants(serial, not_after, parent) AS (
+        SELECT serial, not_after, parent FROM line
+         WHERE parent = $1
+            OR NOT EXISTS (SELECT 1 FROM certificates WHERE serial = $1 AND root IS NOT NULL)
         UNION
-        SELECT c.serial, c.not_after, c.parent FROM certificates c JOIN descendants d ON c.parent = d.serial
+        SELECT l.serial, l.not_after, l.parent FROM line l JOIN descendants d ON l.parent = d.serial
     )
     INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
     SELECT serial, not_after, $4, parent, $2, $3, $5 FROM descendants WHERE true
@@ -699,7 +713,7 @@ impl AuditStore {
             self.dialect,
             "audit_records",
             RECORD_COLUMNS,
-            20,
+            21,
             rows.len(),
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -721,11 +735,16 @@ impl AuditStore {
         time_us: i64,
     ) -> Result<Vec<String>, AuditError> {
         let reason = row.detail.clone().unwrap_or_else(|| "revoked".into());
+        let key = serial_bytes(&revoke.serial).ok_or_else(|| EncodeError::Shape {
+            field: "serial",
+            value: revoke.serial.clone(),
+            expected: "a serial in normalised lowercase hex",
+        })?;
         sqlx::query(
             "INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
              VALUES ($1, $2, $3, NULL, $4, $5, $6) ON CONFLICT (serial) DO NOTHING",
         )
-        .bind(revoke.serial.clone())
+        .bind(key.clone())
         .bind(revoke.not_after)
         .bind(reason)
         .bind(self.chain()?.id)
@@ -733,8 +752,8 @@ impl AuditStore {
         .bind(time_us)
         .execute(&mut **tx)
         .await?;
-        let followed: Vec<(String,)> = sqlx::query_as(REVOKE_DESCENDANTS)
-            .bind(revoke.serial.clone())
+        let followed: Vec<(Vec<u8>,)> = sqlx::query_as(REVOKE_DESCENDANTS)
+            .bind(key)
             .bind(self.chain()?.id)
             .bind(row.seq)
             .bind(FOLLOWED)
@@ -745,7 +764,7 @@ impl AuditStore {
             tracing::info!(serial = %revoke.serial, followed = followed.len(), "revoked the certificates renewed from it too");
         }
         let mut revoked = vec![revoke.serial.clone()];
-        revoked.extend(followed.into_iter().map(|(s,)| s));
+        revoked.extend(followed.iter().map(|(s,)| serial_text(s)));
         if self.dialect == Dialect::Postgres {
             self.notify(tx, &revoked).await?;
         }
@@ -774,14 +793,18 @@ impl AuditStore {
     /// Looks at revocations since `since_us`; returns how many it added.
     pub async fn revoke_followers(&self, since_us: i64) -> Result<u64, AuditError> {
         let result = sqlx::query(
-            "WITH RECURSIVE descendants(serial, not_after, parent, chain_id, seq) AS (
-                SELECT c.serial, c.not_after, c.parent, r.chain_id, r.seq
-                  FROM certificates c JOIN revocations r
-                    ON c.parent = r.serial OR c.root = r.serial
+            "WITH RECURSIVE recent(serial, root, whole_line, chain_id, seq) AS (
+                SELECT r.serial, COALESCE(c.root, r.serial), c.root IS NULL, r.chain_id, r.seq
+                  FROM revocations r LEFT JOIN certificates c ON c.serial = r.serial
                  WHERE r.time_us >= $1
+            ),
+            descendants(serial, not_after, parent, root, chain_id, seq) AS (
+                SELECT c.serial, c.not_after, c.parent, c.root, r.chain_id, r.seq
+                  FROM recent r JOIN certificates c ON c.root = r.root
+                 WHERE r.whole_line OR c.parent = r.serial
                 UNION
-                SELECT c.serial, c.not_after, c.parent, d.chain_id, d.seq
-                  FROM certificates c JOIN descendants d ON c.parent = d.serial
+                SELECT c.serial, c.not_after, c.parent, c.root, d.chain_id, d.seq
+                  FROM descendants d JOIN certificates c ON c.root = d.root AND c.parent = d.serial
             )
             INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
             SELECT serial, not_after, $2, parent, chain_id, seq, $3 FROM descendants WHERE true
@@ -799,13 +822,17 @@ impl AuditStore {
     /// at or after `since_us` (all of them for 0), skipping expired certificates.
     pub async fn revoked_since(&self, since_us: i64) -> Result<Vec<(String, i64)>, AuditError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        Ok(sqlx::query_as(
+        let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
             "SELECT serial, time_us FROM revocations WHERE time_us >= $1 AND not_after >= $2",
         )
         .bind(since_us)
         .bind(now)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(serial, time)| (serial_text(&serial), time))
+            .collect())
     }
 
     /// Writes the probe row: whether the store accepts a commit right now.
@@ -820,19 +847,22 @@ impl AuditStore {
     /// The certificate with `serial`, while it is valid (or expired less than the
     /// retention grace ago).
     pub async fn certificate(&self, serial: &str) -> Result<Option<IssuedCertificate>, AuditError> {
-        let row: Option<(String, i64, Option<String>, String, i64)> = sqlx::query_as(
+        let Some(key) = serial_bytes(serial) else {
+            return Ok(None);
+        };
+        let row: Option<CertificateRow> = sqlx::query_as(
             "SELECT c.serial, c.not_after, c.parent, ch.name, c.seq
                FROM certificates c JOIN audit_chains ch ON ch.id = c.chain_id
               WHERE c.serial = $1",
         )
-        .bind(serial)
+        .bind(key)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(
             |(serial, not_after, parent, chain, seq)| IssuedCertificate {
-                serial,
+                serial: serial_text(&serial),
                 not_after,
-                parent,
+                parent: parent.as_deref().map(serial_text),
                 chain,
                 seq: seq as u64,
             },
@@ -841,15 +871,18 @@ impl AuditStore {
 
     /// The revocation of `serial`, if any.
     pub async fn revocation(&self, serial: &str) -> Result<Option<Revocation>, AuditError> {
-        let row: Option<(String, String, Option<String>)> =
+        let Some(key) = serial_bytes(serial) else {
+            return Ok(None);
+        };
+        let row: Option<(Vec<u8>, String, Option<Vec<u8>>)> =
             sqlx::query_as("SELECT serial, reason, cause FROM revocations WHERE serial = $1")
-                .bind(serial)
+                .bind(key)
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.map(|(serial, reason, cause)| Revocation {
-            serial,
+            serial: serial_text(&serial),
             reason,
-            cause,
+            cause: cause.as_deref().map(serial_text),
         }))
     }
 
@@ -876,13 +909,16 @@ impl AuditStore {
     /// (an admin's, or the one of the certificate it was renewed from).
     pub async fn show(&self, serial: &str) -> Result<Vec<AuditRecord>, AuditError> {
         let mut out = Vec::new();
+        let Some(key) = serial_bytes(serial) else {
+            return Ok(out);
+        };
         if let Some(c) = self.certificate(serial).await? {
             out.extend(self.record_at(&c.chain, c.seq as i64).await?);
         } else {
             // Expired and pruned from `certificates`: the records may still be there.
             let sql = format!("{SELECT_RECORD} WHERE r.serial = $1 AND r.outcome = $2");
             let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(serial)
+                .bind(key.clone())
                 .bind(Outcome::Issued.code())
                 .fetch_optional(&self.pool)
                 .await?;
@@ -892,7 +928,7 @@ impl AuditStore {
             "SELECT ch.name, r.seq FROM revocations r LEFT JOIN audit_chains ch ON ch.id = r.chain_id
               WHERE r.serial = $1",
         )
-        .bind(serial)
+        .bind(key.clone())
         .fetch_optional(&self.pool)
         .await?;
         if let Some((Some(chain), Some(seq))) = revoked {
@@ -1250,6 +1286,10 @@ impl AuditStore {
         Ok(deleted)
     }
 }
+
+/// `certificates` as selected: serial, expiry, parent, and the chain and sequence number
+/// of its record.
+type CertificateRow = (Vec<u8>, i64, Option<Vec<u8>>, String, i64);
 
 /// Records per pruning transaction.
 const PRUNE_STEP: i64 = 5000;
