@@ -324,6 +324,12 @@ struct Chain {
 /// The store. Cheap to share; every method is one or a few transactions.
 pub struct AuditStore {
     pool: AnyPool,
+    /// The group commit's own connection, opened on first use. One connection keeps
+    /// SQLite's page cache warm: a pool hands out its connections in turn, and each
+    /// found its cache stale after the others' commits and read its pages again.
+    /// Taken out while a batch is written, and put back only after it committed, so
+    /// a batch abandoned mid-way (a timeout) closes it.
+    committer: tokio::sync::Mutex<Option<AnyConnection>>,
     dialect: Dialect,
     location: StoreLocation,
     /// The chain appends go to; `None` when opened with [`AuditStore::open_reader`].
@@ -337,7 +343,21 @@ impl AuditStore {
     /// write-ahead log into the database and removes it, so a stopped server leaves
     /// one file behind.
     pub async fn close(&self) {
+        if let Some(conn) = self.committer.lock().await.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the audit store's commit connection");
+        }
         self.pool.close().await;
+    }
+}
+
+/// What every connection runs first.
+fn session_statements(dialect: Dialect) -> &'static [&'static str] {
+    match dialect {
+        // Per connection: FULL makes every commit fsync the write-ahead log.
+        Dialect::Sqlite => &["PRAGMA synchronous = FULL", "PRAGMA busy_timeout = 5000"],
+        Dialect::Postgres => &["SET synchronous_commit = on"],
     }
 }
 
@@ -501,6 +521,7 @@ impl AuditStore {
             .await?;
         Ok(AuditStore {
             pool,
+            committer: tokio::sync::Mutex::new(None),
             dialect,
             location: location.clone(),
             chain: Some(Chain {
@@ -519,6 +540,7 @@ impl AuditStore {
         schema::check(&pool).await?;
         Ok(AuditStore {
             pool,
+            committer: tokio::sync::Mutex::new(None),
             dialect,
             location: location.clone(),
             chain: None,
@@ -536,11 +558,7 @@ impl AuditStore {
             crate::fsutil::create_private_dir(dir)
                 .map_err(|e| AuditError::Database(sqlx::Error::Io(e)))?;
         }
-        let session: &'static [&'static str] = match dialect {
-            // Per connection: FULL makes every commit fsync the write-ahead log.
-            Dialect::Sqlite => &["PRAGMA synchronous = FULL", "PRAGMA busy_timeout = 5000"],
-            Dialect::Postgres => &["SET synchronous_commit = on"],
-        };
+        let session = session_statements(dialect);
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .min_connections(0)
@@ -564,6 +582,15 @@ impl AuditStore {
             }
         }
         Ok((pool, dialect))
+    }
+
+    /// A connection of the store's own, set up as the pool's are.
+    async fn connect_one(&self) -> Result<AnyConnection, AuditError> {
+        let mut conn = AnyConnection::connect(&self.location.url()).await?;
+        for s in session_statements(self.dialect) {
+            sqlx::raw_sql(*s).execute(&mut conn).await?;
+        }
+        Ok(conn)
     }
 
     /// The chain appends go to, or [`AuditError::ReadOnly`].
@@ -658,9 +685,13 @@ impl AuditStore {
     ) -> Result<Appended, AuditError> {
         let (rows, results) = self.chain_rows(self.chain()?, batch, head, time_us);
         if let Some((last, last_hash, _)) = rows.last() {
-            let mut conn = WriteConnection::acquire(&self.pool).await?;
-            self.insert_records(conn.conn(), &rows).await?;
-            conn.committed();
+            let mut slot = self.committer.lock().await;
+            let mut conn = match slot.take() {
+                Some(conn) => conn,
+                None => self.connect_one().await?,
+            };
+            self.insert_records(&mut conn, &rows).await?;
+            *slot = Some(conn);
             self.remember_head(last.seq, *last_hash);
         }
         Ok(Appended {
@@ -672,8 +703,23 @@ impl AuditStore {
     /// Every other batch (revocations, more rows than one INSERT takes, an unknown
     /// head): one transaction that locks the chain's head first.
     async fn append_locked(&self, batch: &[Append], time_us: i64) -> Result<Appended, AuditError> {
-        let mut conn = WriteConnection::acquire(&self.pool).await?;
-        let mut tx = self.dialect.begin_write(conn.conn()).await?;
+        let mut slot = self.committer.lock().await;
+        let mut conn = match slot.take() {
+            Some(conn) => conn,
+            None => self.connect_one().await?,
+        };
+        let done = self.append_locked_on(&mut conn, batch, time_us).await?;
+        *slot = Some(conn);
+        Ok(done)
+    }
+
+    async fn append_locked_on(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &[Append],
+        time_us: i64,
+    ) -> Result<Appended, AuditError> {
+        let mut tx = self.dialect.begin_write(conn).await?;
         let (head_seq, head_hash): (i64, Vec<u8>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT head_seq, head_hash FROM audit_chains WHERE id = $1{}",
             self.dialect.for_update()
@@ -696,7 +742,6 @@ impl AuditStore {
             }
         }
         tx.commit().await?;
-        conn.committed();
         let (seq, hash) = rows.last().map_or(head, |(r, h, _)| (r.seq, *h));
         self.remember_head(seq, hash);
         Ok(Appended { results, revoked })
