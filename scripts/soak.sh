@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak: ca-bench at concurrency 64 for SECONDS (default 1800), then at half the rate it
 # reached for as long again, against the release server with retention pruning in the
-# loop (--audit-retention 5m, pruning every 30 s),
+# loop (--audit-retention 5m, pruning every 30 s; 5-minute certificates kept indexed
+# 5 minutes past expiry, so that the store stops growing after about 10 minutes),
 # printing the server's resident memory, open file descriptors and audit store size
 # every minute. Build first: cargo build --release -p ca-server -p ca-bench
 # Usage: scripts/soak.sh [SECONDS] [sqlite|postgres] [extra ca-bench flags...]
@@ -12,7 +13,8 @@ store=${2:-sqlite}
 shift $(( $# > 2 ? 2 : $# ))
 target/release/ca-bench --store "$store" --concurrency 64 --seconds "$seconds" \
   --max-requests 100000000 \
-  --server-arg=--audit-retention=5m --server-arg=--audit-prune-interval=30s "$@" &
+  --server-arg=--audit-retention=5m --server-arg=--audit-prune-interval=30s \
+  --server-arg=--default-ttl=5m --server-arg=--expiry-grace=5m "$@" &
 bench=$!
 trap 'kill $bench 2>/dev/null || true' EXIT
 echo "| minute | server RSS MiB | open fds | store MiB |"

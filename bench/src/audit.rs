@@ -194,7 +194,10 @@ async fn main() {
             reported = written;
             if let Some(secs) = args.retain_seconds {
                 let cutoff = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs as i64);
-                pruned += store.prune_before(cutoff, &ca).await.expect("prune");
+                pruned += store
+                    .prune_before(cutoff, std::time::Duration::from_secs(3600), &ca)
+                    .await
+                    .expect("prune");
             }
             let (now, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
             let disk = store_bytes(&backend).await;

@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// How often retention pruning runs.
     #[arg(long, env = "CA_AUDIT_PRUNE_INTERVAL", default_value = "1h", value_parser = duration)]
     pub audit_prune_interval: Duration,
+    /// How long after a certificate expires the store keeps its index entry and its
+    /// revocation, for replicas whose clocks run behind (each still accepts a client
+    /// certificate its own clock calls valid). At least 1m.
+    #[arg(long, env = "CA_EXPIRY_GRACE", default_value = "1h", value_parser = duration)]
+    pub expiry_grace: Duration,
     /// Name of this replica's hash chain in the audit store [default: $POD_NAME or the
     /// host name]. Replicas sharing a name stay correct, but contend for it.
     #[arg(long, env = "CA_AUDIT_CHAIN")]
@@ -483,6 +488,9 @@ pub fn serve_config(
     if a.audit_prune_interval < Duration::from_secs(1) {
         return Err("--audit-prune-interval must be at least 1s".into());
     }
+    if a.expiry_grace < Duration::from_secs(60) {
+        return Err("--expiry-grace must be at least 1m".into());
+    }
     if state_dir.exists() && !state_dir.is_dir() {
         return Err(format!(
             "--state-dir {} is not a directory",
@@ -545,6 +553,7 @@ pub fn serve_config(
         request_timeout: a.request_timeout,
         audit_retention: a.audit_retention,
         audit_prune_interval: a.audit_prune_interval,
+        expiry_grace: a.expiry_grace,
         store,
         audit_chain: a
             .audit_chain

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub audit_retention: Duration,
     /// How often pruning runs.
     pub audit_prune_interval: Duration,
+    /// How long certificates stay indexed, and revocations kept, after they expire.
+    pub expiry_grace: Duration,
     /// Where the audit store is.
     pub store: StoreLocation,
     /// This replica's hash chain in the store.
@@ -313,6 +315,7 @@ pub async fn run(cfg: ServeConfig, shutdown: watch::Receiver<bool>) -> Result<()
         ca.clone(),
         cfg.audit_retention,
         cfg.audit_prune_interval,
+        cfg.expiry_grace,
         shutdown.clone(),
     ));
     let checkpoint_task = tokio::spawn(checkpoint_audit(
@@ -420,11 +423,12 @@ async fn prune_audit(
     ca: Arc<CertificateAuthority>,
     retention: Duration,
     interval: Duration,
+    expiry_grace: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let cutoff = OffsetDateTime::now_utc() - retention;
-        match store.prune_before(cutoff, &ca).await {
+        match store.prune_before(cutoff, expiry_grace, &ca).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "audit retention pruned old records"),
             Err(e) => tracing::error!(error = %e, "audit retention failed"),

@@ -425,7 +425,10 @@ async fn retention_prunes_records_but_not_what_revocation_needs() {
         append(&store, vec![issued("c3", None)]).await;
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
         assert_eq!(
-            store.prune_before(future, &checkpoint_ca()).await.unwrap(),
+            store
+                .prune_before(future, Duration::from_secs(3600), &checkpoint_ca())
+                .await
+                .unwrap(),
             3,
             "{}",
             b.name
@@ -446,6 +449,61 @@ async fn retention_prunes_records_but_not_what_revocation_needs() {
         assert_eq!(
             (report.chains[0].first_seq, report.chains[0].head_seq),
             (4, 4)
+        );
+
+        // Expired certificates and their revocations go once expired for the grace.
+        let ago = |minutes: i64| {
+            let t = OffsetDateTime::now_utc() - time::Duration::minutes(minutes);
+            ca_server::audit::rfc3339_secs(t.unix_timestamp())
+        };
+        let mut long_ago = issued("e1", None);
+        long_ago.decision.not_after = Some(ago(120));
+        let mut lately = issued("e2", None);
+        lately.decision.not_after = Some(ago(10));
+        let mut revoked = revocation("e2");
+        revoked.revoke.as_mut().unwrap().not_after =
+            (OffsetDateTime::now_utc() - time::Duration::minutes(10)).unix_timestamp();
+        append(&store, vec![long_ago, lately]).await;
+        append(&store, vec![revoked]).await;
+        let past = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let ca = checkpoint_ca();
+        store
+            .prune_before(past, Duration::from_secs(3600), &ca)
+            .await
+            .unwrap();
+        assert!(
+            store.certificate("e1").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            store.certificate("e2").await.unwrap().is_some(),
+            "{}",
+            b.name
+        );
+        assert!(
+            store.revocation("e2").await.unwrap().is_some(),
+            "{}",
+            b.name
+        );
+        store
+            .prune_before(past, Duration::from_secs(60), &ca)
+            .await
+            .unwrap();
+        assert!(
+            store.certificate("e2").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            store.revocation("e2").await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert!(
+            store.certificate("c1").await.unwrap().is_some(),
+            "{}",
+            b.name
         );
     }
 }
@@ -690,7 +748,10 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
             append(&store, vec![issued(&format!("d0{i}"), None)]).await;
         }
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
-        store.prune_before(future, &ca).await.unwrap();
+        store
+            .prune_before(future, Duration::from_secs(3600), &ca)
+            .await
+            .unwrap();
         for i in 4..=6 {
             append(&store, vec![issued(&format!("d0{i}"), None)]).await;
         }
@@ -715,7 +776,10 @@ async fn records_deleted_behind_a_matching_anchor_are_caught() {
         );
         // Nor does another CA's signature pass for this one's.
         let other = checkpoint_ca();
-        store.prune_before(future, &other).await.unwrap();
+        store
+            .prune_before(future, Duration::from_secs(3600), &other)
+            .await
+            .unwrap();
         let found = store.verify(Some(ca.cert_der())).await.unwrap().problems;
         expect_problem(
             &found,
@@ -767,7 +831,12 @@ async fn a_reader_neither_migrates_nor_writes() {
             b.name
         );
         let future = OffsetDateTime::now_utc() + time::Duration::days(1);
-        assert!(reader.prune_before(future, &checkpoint_ca()).await.is_err());
+        assert!(
+            reader
+                .prune_before(future, Duration::from_secs(3600), &checkpoint_ca())
+                .await
+                .is_err()
+        );
         assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 1);
 
         // A store of an older schema (as a server of the previous version leaves it)

@@ -53,6 +53,15 @@ fn environment_configures_serve() {
 }
 
 #[test]
+fn an_expiry_grace_shorter_than_clock_skew_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = e2e::serve_output(&tmp.path().join("s"), &["--expiry-grace", "10s"]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--expiry-grace must be at least 1m"), "{err}");
+}
+
+#[test]
 fn help_explains_every_serve_flag() {
     let out = Command::new(workspace_bin("ca-server"))
         .args(["serve", "--help"])
@@ -67,6 +76,7 @@ fn help_explains_every_serve_flag() {
         "--default-ttl",
         "--max-ttl",
         "--audit-retention",
+        "--expiry-grace",
         "CA_MAX_TTL",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");

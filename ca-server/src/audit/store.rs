@@ -890,7 +890,7 @@ impl AuditStore {
     }
 
     /// The certificate with `serial`, while it is valid (or expired less than the
-    /// retention grace ago).
+    /// expiry grace ago).
     pub async fn certificate(&self, serial: &str) -> Result<Option<IssuedCertificate>, AuditError> {
         let Some(key) = serial_bytes(serial) else {
             return Ok(None);
@@ -1240,11 +1240,12 @@ impl AuditStore {
     /// Deletes audit records older than `cutoff`, a bounded transaction at a time per
     /// chain, moving each chain's anchor in the same transaction (so verification keeps
     /// working across a crash) and signing the new anchor with `ca`. Certificates and
-    /// revocations are kept until their certificate has expired, whatever the cutoff.
-    /// Returns how many records went.
+    /// revocations are kept until their certificate has been expired for
+    /// `expiry_grace`, whatever the cutoff. Returns how many records went.
     pub async fn prune_before(
         &self,
         cutoff: OffsetDateTime,
+        expiry_grace: std::time::Duration,
         ca: &ca_core::CertificateAuthority,
     ) -> Result<u64, AuditError> {
         self.chain()?;
@@ -1258,8 +1259,7 @@ impl AuditStore {
                 pruned += n;
             }
         }
-        // An hour's grace for clocks that disagree about expiry.
-        let expired = OffsetDateTime::now_utc().unix_timestamp() - 3600;
+        let expired = (OffsetDateTime::now_utc() - expiry_grace).unix_timestamp();
         for table in ["certificates", "revocations"] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE not_after < $1"
