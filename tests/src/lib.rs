@@ -633,7 +633,10 @@ pub async fn serving_chain(
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder()
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -734,7 +737,7 @@ pub fn generation(certs: &Path) -> Option<PathBuf> {
 pub fn pair_matches(certs: &Path) -> Option<bool> {
     let key = std::fs::read_to_string(certs.join("key.pem")).ok()?;
     let chain = std::fs::read_to_string(certs.join("cert-chain.pem")).ok()?;
-    let key = rcgen::KeyPair::from_pem(&key).ok()?;
+    let key = ca_core::keys::key_pair_from_pem(&key).ok()?;
     let leaf = ca_core::pem::parse_certificates(chain.as_bytes()).ok()?;
     let facts = ca_core::x509::inspect(&leaf[0]).ok()?;
     Some(rcgen::PublicKeyData::subject_public_key_info(&key) == facts.spki_der)
@@ -952,7 +955,7 @@ impl PluggedCa {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
         };
-        let root_key = KeyPair::from_pem(&self.root_key_pem).unwrap();
+        let root_key = ca_core::keys::key_pair_from_pem(&self.root_key_pem).unwrap();
         let root = Issuer::from_ca_cert_pem(&self.root_pem, root_key).unwrap();
         let mut int_params = CertificateParams::default();
         int_params
@@ -969,7 +972,7 @@ impl PluggedCa {
     /// A certificate for `spiffe_id` signed with the CA's own key, as another program
     /// holding the same `cacerts` (Citadel, say) would issue it: (leaf PEM, key PEM).
     pub fn issued_leaf(&self, spiffe_id: &str) -> (String, String) {
-        let key = rcgen::KeyPair::from_pem(&self.intermediate_key_pem).unwrap();
+        let key = ca_core::keys::key_pair_from_pem(&self.intermediate_key_pem).unwrap();
         let issuer = rcgen::Issuer::from_ca_cert_pem(&self.intermediate_pem, key).unwrap();
         spiffe_leaf(spiffe_id, &issuer)
     }

@@ -112,7 +112,7 @@ async fn every_managed_service_account_gets_a_secret() {
                 facts.uri_sans,
                 vec![format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")]
             );
-            let key = rcgen::KeyPair::from_pem(&secret_data(s, "key.pem")).unwrap();
+            let key = ca_core::keys::key_pair_from_pem(&secret_data(s, "key.pem")).unwrap();
             assert_eq!(
                 rcgen::PublicKeyData::subject_public_key_info(&key),
                 facts.spki_der
@@ -770,7 +770,7 @@ async fn secret_keys_can_be_rsa_2048_as_citadel_wrote_them() {
         count_identity_secrets(&api) >= 3
     });
     for s in identity_secrets(&api, "ns0") {
-        let key = rcgen::KeyPair::from_pem(&secret_data(&s, "key.pem")).unwrap();
+        let key = ca_core::keys::key_pair_from_pem(&secret_data(&s, "key.pem")).unwrap();
         let public = ca_core::keys::PublicKey::of_key_pair(&key).unwrap();
         assert_eq!(public.kind, ca_core::KeyKind::Rsa(2048));
         let chain =
@@ -958,7 +958,7 @@ async fn istio_system_gets_citadel_names_and_istiod_its_serving_secret() {
     );
     assert_eq!(facts.san_count, 3);
     assert_eq!(secret_data(&s, "ca.crt"), root);
-    let key = rcgen::KeyPair::from_pem(&secret_data(&s, "tls.key")).unwrap();
+    let key = ca_core::keys::key_pair_from_pem(&secret_data(&s, "tls.key")).unwrap();
     assert_eq!(
         rcgen::PublicKeyData::subject_public_key_info(&key),
         facts.spki_der
