@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use ca_core::SpiffeId;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -63,13 +62,7 @@ fn unauth(reason: &'static str, detail: impl Into<String>) -> AuthFailure {
 /// Whether a bearer token looks like a Kubernetes service-account token (its issuer or
 /// its claims say so). The GCE authenticator takes the others.
 pub fn is_kubernetes_token(token: &str) -> bool {
-    let Some(payload) = token.split('.').nth(1) else {
-        return false;
-    };
-    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
-        return false;
-    };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+    let Some(v) = super::unverified_claims(token) else {
         return false;
     };
     v.get("kubernetes.io").is_some()
@@ -78,14 +71,7 @@ pub fn is_kubernetes_token(token: &str) -> bool {
 
 /// The token's `exp`, read without verification (only to bound the cache).
 fn token_expiry(token: &str) -> Option<i64> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_i64()
+    super::unverified_claims(token)?.get("exp")?.as_i64()
 }
 
 impl KubernetesTokenAuthenticator {

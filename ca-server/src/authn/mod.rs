@@ -93,6 +93,17 @@ pub trait Authenticator: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = AuthResult> + Send + 'a>>;
 }
 
+/// A JWT's claims, decoded without checking anything: to route a token to its
+/// authenticator or bound a cache entry, never to trust what it says.
+pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The ordered chain. The first authenticator that accepts wins; when none does, the
 /// first failure explains why (a bad certificate says more than "no credential").
 #[derive(Clone, Default)]

@@ -103,10 +103,8 @@ pub fn parse(token: &str) -> Result<Parsed, String> {
 
 /// The `iss` of a token, without verifying anything (to route it to an authenticator).
 pub fn unverified_issuer(token: &str) -> Option<String> {
-    let payload = token.split('.').nth(1)?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
-    v.get("iss")?.as_str().map(str::to_owned)
+    let claims = crate::authn::unverified_claims(token)?;
+    claims.get("iss")?.as_str().map(str::to_owned)
 }
 
 /// An RSA public key from a JWK.
@@ -143,5 +141,104 @@ impl Parsed {
             &self.signature,
         )
         .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = r#"{"alg":"RS256","kid":"k1"}"#;
+    const CLAIMS: &str = r#"{"iss":"https://accounts.google.com","aud":"a","exp":2,"iat":1}"#;
+
+    fn b64(text: &str) -> String {
+        URL_SAFE_NO_PAD.encode(text)
+    }
+
+    fn token(header: &str, claims: &str, signature: &str) -> String {
+        format!("{}.{}.{signature}", b64(header), b64(claims))
+    }
+
+    #[test]
+    fn each_malformed_token_is_refused_with_its_reason() {
+        let sig = b64("signature");
+        let cases = [
+            (String::new(), "three dot-separated parts"),
+            ("a.b".to_owned(), "three dot-separated parts"),
+            (
+                format!("{}.x", token(HEADER, CLAIMS, &sig)),
+                "three dot-separated parts",
+            ),
+            (
+                format!("!!.{}.{sig}", b64(CLAIMS)),
+                "header is not base64url",
+            ),
+            (token("[]", CLAIMS, &sig), "header is not the expected JSON"),
+            (
+                token(r#"{"kid":"k1"}"#, CLAIMS, &sig),
+                "header is not the expected JSON",
+            ),
+            (
+                format!("{}.%%.{sig}", b64(HEADER)),
+                "payload is not base64url",
+            ),
+            (
+                token(HEADER, "{}", &sig),
+                "claims are not the expected JSON",
+            ),
+            (
+                token(
+                    HEADER,
+                    r#"{"iss":"x","aud":"a","exp":"soon","iat":1}"#,
+                    &sig,
+                ),
+                "claims are not the expected JSON",
+            ),
+            (token(HEADER, CLAIMS, "a+b/"), "signature is not base64url"),
+        ];
+        for (t, reason) in cases {
+            match parse(&t) {
+                Ok(_) => panic!("{t:?} was parsed"),
+                Err(e) => assert!(e.contains(reason), "{t:?}: {e:?}, not {reason:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_well_formed_token_yields_its_header_and_claims() {
+        let claims = r#"{"iss":"https://accounts.google.com","aud":"grpc://ca","exp":20,"iat":10,
+            "sub":"1234","google":{"compute_engine":{"project_id":"p","zone":"z",
+            "instance_id":"99","instance_name":"vm","instance_creation_timestamp":5}}}"#;
+        let parsed = parse(&token(HEADER, claims, &b64("signature"))).unwrap();
+        assert_eq!(parsed.header.alg, "RS256");
+        assert_eq!(parsed.header.kid.as_deref(), Some("k1"));
+        assert_eq!((parsed.claims.iat, parsed.claims.exp), (10, 20));
+        assert_eq!(parsed.claims.sub.as_deref(), Some("1234"));
+        assert_eq!(parsed.claims.email, None);
+        let vm = parsed.claims.compute_engine().unwrap();
+        assert_eq!((vm.instance_name.as_str(), vm.zone.as_str()), ("vm", "z"));
+        // A token without `format=full` has no instance claims.
+        let plain = parse(&token(HEADER, CLAIMS, &b64("s"))).unwrap();
+        assert!(plain.claims.compute_engine().is_none());
+        // Any key that did not sign it is refused.
+        let key = RsaKey::from_jwk(&b64("not a modulus"), "AQAB").unwrap();
+        assert!(!parsed.verify_signature(&key));
+        assert!(RsaKey::from_jwk("a+b", "AQAB").is_err());
+    }
+
+    #[test]
+    fn unverified_reads_give_nothing_for_anything_but_a_jwt() {
+        let t = token(HEADER, CLAIMS, &b64("s"));
+        assert_eq!(
+            unverified_issuer(&t).as_deref(),
+            Some("https://accounts.google.com")
+        );
+        for not_a_jwt in ["", "x", "a.!!.c", &format!("a.{}.c", b64("[1]"))] {
+            assert_eq!(unverified_issuer(not_a_jwt), None, "{not_a_jwt:?}");
+        }
+        assert_eq!(
+            crate::authn::unverified_claims(&t).unwrap()["exp"].as_i64(),
+            Some(2)
+        );
     }
 }
