@@ -467,44 +467,36 @@ async fn retention_prunes_records_but_not_what_revocation_needs() {
         append(&store, vec![revoked]).await;
         let past = OffsetDateTime::now_utc() - time::Duration::days(1);
         let ca = checkpoint_ca();
-        store
-            .prune_before(past, Duration::from_secs(3600), &ca)
-            .await
-            .unwrap();
-        assert!(
-            store.certificate("e1").await.unwrap().is_none(),
-            "{}",
-            b.name
-        );
-        assert!(
-            store.certificate("e2").await.unwrap().is_some(),
-            "{}",
-            b.name
-        );
-        assert!(
-            store.revocation("e2").await.unwrap().is_some(),
-            "{}",
-            b.name
-        );
-        store
-            .prune_before(past, Duration::from_secs(60), &ca)
-            .await
-            .unwrap();
-        assert!(
-            store.certificate("e2").await.unwrap().is_none(),
-            "{}",
-            b.name
-        );
-        assert!(
-            store.revocation("e2").await.unwrap().is_none(),
-            "{}",
-            b.name
-        );
-        assert!(
-            store.certificate("c1").await.unwrap().is_some(),
-            "{}",
-            b.name
-        );
+        // (serial, still indexed, still revoked) after each prune.
+        for (grace, expect) in [
+            (
+                3600,
+                [("e1", false, false), ("e2", true, true), ("c1", true, true)],
+            ),
+            (
+                60,
+                [
+                    ("e1", false, false),
+                    ("e2", false, false),
+                    ("c1", true, true),
+                ],
+            ),
+        ] {
+            let grace = Duration::from_secs(grace);
+            store.prune_before(past, grace, &ca).await.unwrap();
+            for (serial, indexed, revoked) in expect {
+                let found = (
+                    store.certificate(serial).await.unwrap().is_some(),
+                    store.revocation(serial).await.unwrap().is_some(),
+                );
+                assert_eq!(
+                    found,
+                    (indexed, revoked),
+                    "{}: {serial} after {grace:?}",
+                    b.name
+                );
+            }
+        }
     }
 }
 

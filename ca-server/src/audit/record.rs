@@ -237,16 +237,17 @@ pub(super) fn serial_text(bytes: &[u8]) -> String {
     ca_core::x509::normalise_serial(&ca_core::x509::hex(bytes))
 }
 
+/// [`serial_bytes`], or the error that names `field`.
+pub(super) fn serial_key(field: &'static str, text: &str) -> Result<Vec<u8>, EncodeError> {
+    serial_bytes(text).ok_or_else(|| EncodeError::Shape {
+        field,
+        value: text.to_owned(),
+        expected: "a serial in normalised lowercase hex",
+    })
+}
+
 fn serial(field: &'static str, v: &Option<String>) -> Result<Option<Vec<u8>>, EncodeError> {
-    v.as_deref()
-        .map(|s| {
-            serial_bytes(s).ok_or_else(|| EncodeError::Shape {
-                field,
-                value: s.to_owned(),
-                expected: "a serial in normalised lowercase hex",
-            })
-        })
-        .transpose()
+    v.as_deref().map(|s| serial_key(field, s)).transpose()
 }
 
 fn unix_secs(field: &'static str, v: &Option<String>) -> Result<Option<i64>, EncodeError> {

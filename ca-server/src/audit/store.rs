@@ -584,6 +584,25 @@ impl AuditStore {
         Ok((pool, dialect))
     }
 
+    /// The group commit's connection, taken out of its slot (opened if there is none):
+    /// the caller puts it back after a commit, and dropping it instead closes it.
+    async fn committer(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, Option<AnyConnection>>,
+            AnyConnection,
+        ),
+        AuditError,
+    > {
+        let mut slot = self.committer.lock().await;
+        let conn = match slot.take() {
+            Some(conn) => conn,
+            None => self.connect_one().await?,
+        };
+        Ok((slot, conn))
+    }
+
     /// A connection of the store's own, set up as the pool's are.
     async fn connect_one(&self) -> Result<AnyConnection, AuditError> {
         let mut conn = AnyConnection::connect(&self.location.url()).await?;
@@ -685,11 +704,7 @@ impl AuditStore {
     ) -> Result<Appended, AuditError> {
         let (rows, results) = self.chain_rows(self.chain()?, batch, head, time_us);
         if let Some((last, last_hash, _)) = rows.last() {
-            let mut slot = self.committer.lock().await;
-            let mut conn = match slot.take() {
-                Some(conn) => conn,
-                None => self.connect_one().await?,
-            };
+            let (mut slot, mut conn) = self.committer().await?;
             self.insert_records(&mut conn, &rows).await?;
             *slot = Some(conn);
             self.remember_head(last.seq, *last_hash);
@@ -703,11 +718,7 @@ impl AuditStore {
     /// Every other batch (revocations, more rows than one INSERT takes, an unknown
     /// head): one transaction that locks the chain's head first.
     async fn append_locked(&self, batch: &[Append], time_us: i64) -> Result<Appended, AuditError> {
-        let mut slot = self.committer.lock().await;
-        let mut conn = match slot.take() {
-            Some(conn) => conn,
-            None => self.connect_one().await?,
-        };
+        let (mut slot, mut conn) = self.committer().await?;
         let done = self.append_locked_on(&mut conn, batch, time_us).await?;
         *slot = Some(conn);
         Ok(done)
@@ -780,11 +791,7 @@ impl AuditStore {
         time_us: i64,
     ) -> Result<Vec<String>, AuditError> {
         let reason = row.detail.clone().unwrap_or_else(|| "revoked".into());
-        let key = serial_bytes(&revoke.serial).ok_or_else(|| EncodeError::Shape {
-            field: "serial",
-            value: revoke.serial.clone(),
-            expected: "a serial in normalised lowercase hex",
-        })?;
+        let key = record::serial_key("serial", &revoke.serial)?;
         sqlx::query(
             "INSERT INTO revocations (serial, not_after, reason, cause, chain_id, seq, time_us)
              VALUES ($1, $2, $3, NULL, $4, $5, $6) ON CONFLICT (serial) DO NOTHING",
